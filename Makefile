@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make run   - create .venv, install, make sure the data is there, run the whole pipeline
+#   make test  - the same set-up, then the test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+MLFLOW_ARGS ?=
+
+.PHONY: run test test-fast data ui bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The data: found locally, else downloaded by torchvision, else (offline) Debian's package.
+data: $(STAMP)
+	@$(PY) -m pipeline locate-data || { \
+	  echo "Installing Debian's $$($(PY) -c 'from pipeline.data import DEBIAN_PACKAGE; print(DEBIAN_PACKAGE)')"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist && \
+	  $(PY) -m pipeline locate-data; }
+
+run: data
+	$(VENV)/bin/mlflow run . --env-manager local $(MLFLOW_ARGS)
+
+test: data
+	$(PY) -m pytest -q -ra
+
+test-fast: data
+	$(PY) -m pytest -q -m "not slow"
+
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --port 5000
+
+clean:
+	rm -rf mlruns mlflow.db optuna.db .pytest_cache

@@ -1,0 +1,115 @@
+"""MLflow helpers shared by every step: model logging, datasets, metrics, code version.
+
+MLflow's defaults are used throughout (tracking store ``sqlite:///mlflow.db``, artifacts in
+``./mlruns``), overridable with the usual ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``.
+"""
+
+import functools
+import hashlib
+import subprocess
+import tempfile
+import warnings
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.models import ModelSignature, infer_signature
+
+from pipeline.config import IMAGE_SIZE, NUM_CLASSES
+from pipeline.data import SPLITS, Splits, array_digest, to_tensor
+from pipeline.errors import PipelineError
+
+MODEL_ARTIFACT = "model"
+PREPARED_ARTIFACT = "prepared"
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+@functools.cache
+def model_signature() -> ModelSignature:
+    # Computed once per process: a float batch of images in, one logit per class out.
+    example_in = np.zeros((2, 1, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    example_out = np.zeros((2, NUM_CLASSES), dtype=np.float32)
+    return infer_signature(example_in, example_out)
+
+
+@functools.cache
+def pip_requirements() -> list[str]:
+    # Passing these explicitly skips MLflow's requirement inference, which costs seconds per model.
+    return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "torchvision", "numpy")]
+
+
+def log_model(model, example_images: np.ndarray, step: int):
+    """Log the model (pt2 format, exported with a real batch of images) and return its ModelInfo."""
+    example = to_tensor(example_images).numpy()
+    return mlflow.pytorch.log_model(
+        model, name=MODEL_ARTIFACT, signature=model_signature(), input_example=example,
+        pip_requirements=pip_requirements(), step=step,
+    )
+
+
+def log_epoch(metrics: dict, synchronous: bool = True) -> None:
+    """One batched call per epoch, the epoch number as the step."""
+    step = metrics["epoch"]
+    mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step, synchronous=synchronous)
+
+
+def log_datasets(splits: Splits, source: str) -> None:
+    """Record the three splits as MLflow dataset inputs, with a digest over the full arrays."""
+    for split in SPLITS:
+        x, y = splits.arrays(split)
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            dataset = mlflow.data.from_numpy(
+                x, targets=y, source=source, name=f"fashion-mnist-{split}", digest=array_digest(x, y)
+            )
+        mlflow.log_input(dataset, context=DATASET_CONTEXTS[split])
+
+
+def fetch_prepared(data_uri: str) -> Splits:
+    """Load the prepared splits from a local path or any MLflow artifact URI (runs:/<id>/prepared)."""
+    if Path(data_uri).exists():
+        return Splits.load(Path(data_uri))
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri, dst_path=tempfile.mkdtemp())
+    except Exception as e:
+        raise PipelineError(
+            f"cannot fetch the prepared data from '{data_uri}' ({type(e).__name__}: {e}); pass the "
+            "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
+        )
+    return Splits.load(Path(local))
+
+
+def code_version() -> str:
+    """The git commit, with a hash of uncommitted changes when the tree is dirty.
+
+    Two runs with the same code version ran the same code, which is what makes reusing a finished
+    step safe. Outside a git checkout, a hash of the package's source files stands in.
+    """
+    root = Path(__file__).resolve().parent.parent
+    try:
+        git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
+        commit = git(["git", "rev-parse", "HEAD"]).stdout.strip()
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
+        if not dirty:
+            return commit
+        diff = git(["git", "diff", "HEAD"]).stdout
+        return f"{commit}-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:12]}"
+    except (OSError, subprocess.CalledProcessError):
+        h = hashlib.sha256()
+        for path in sorted((root / "pipeline").glob("*.py")):
+            h.update(path.read_bytes())
+        return f"nogit-{h.hexdigest()[:12]}"
+
+
+def log_new_params(params: dict) -> None:
+    """Log params the active run does not hold yet.
+
+    Under ``mlflow run`` the project has already logged its -P values as typed on the command line
+    ("1e-1"), and MLflow refuses to change a param, so ours ("0.1") must not overwrite them.
+    """
+    run = mlflow.active_run()
+    logged = mlflow.get_run(run.info.run_id).data.params
+    new = {k: "" if v is None else v for k, v in params.items() if k not in logged}
+    if new:
+        mlflow.log_params(new)
