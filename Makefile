@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MLFLOW_ARGS ?=
+# MLproject commands call `python`: make it the one in .venv
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: run test test-fast data ui bench clean
 
