@@ -36,5 +36,9 @@ test-fast: data
 ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --port 5000
 
+# Training speed, tuning throughput and memory (bench/); results in bench/results/latest.json
+bench: data
+	$(PY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf mlruns mlflow.db optuna.db .pytest_cache

@@ -8,9 +8,15 @@ import dataclasses
 
 import click
 import mlflow
+import numpy as np
+
+import sys
+from pathlib import Path
 
 from pipeline import steps, tracking
 from pipeline.config import DataConfig, TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.tune import PRUNERS, SAMPLERS, SearchSpace, TuneConfig, describe, run_study
 
 
 def make_config(cls, options: dict):
@@ -101,3 +107,153 @@ def train(data, **options):
         result, model_info = steps.train(cfg, splits)
     click.echo(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
                f"model: {model_info.model_uri} (runs:/{run.info.run_id}/model)")
+
+
+@cli.command()
+@click.option("--model-uri", required=True,
+              help="runs:/<id>/model, models:/<name>@<alias>, models:/<name>/<version> or models:/<model_id>.")
+@click.option("--data", default="", help="Prepared data URI (runs:/<id>/prepared); empty = default split.")
+def evaluate(model_uri, data):
+    """Evaluate a logged model on the untouched test split."""
+    from pipeline.evaluate import evaluate_step, load_model
+
+    load_model(model_uri)  # a bad URI fails here, before a run is opened
+    with mlflow.start_run(run_name="evaluate"):
+        tracking.log_new_params({"model_uri": model_uri, "data": data})
+        result = evaluate_step(model_uri, steps.load_data(data))
+    click.echo(f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}")
+    click.echo(result["per_class"].to_string(index=False, float_format="%.3f"))
+
+
+@cli.command()
+@data_options
+@train_options
+@click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Optuna trials; 0 = train the seed recipe (the train options) instead of a study.")
+@click.option("--study-name", default=None, help="Optuna study to create or resume (tune's default if unset).")
+@click.option("--storage", default=None, help="Optuna storage URL (tune's default if unset).")
+@click.option("--force", type=bool, default=False, show_default=True,
+              help="Re-run every step even if an identical finished run exists.")
+def main(trials, study_name, storage, force, **options):
+    """Run prepare -> train/tune -> evaluate -> register, reusing finished steps."""
+    from pipeline.workflow import MainConfig, run_main
+
+    data_cfg, train_cfg = make_config(DataConfig, options), make_config(TrainConfig, options)
+    tune = {k: v for k, v in (("study_name", study_name), ("storage", storage)) if v is not None}
+    cfg = MainConfig(prepare={k: "" if v is None else v for k, v in dataclasses.asdict(data_cfg).items()},
+                     train=train_cfg.as_params(), tune=tune, trials=trials, force=force)
+    with mlflow.start_run(run_name="main"):
+        result = run_main(cfg)
+    click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}; "
+               f"model {result['model_uri']}; registry: {result['registry']['reason']}")
+
+
+@cli.command()
+@click.option("--model-uri", required=True, help="Any model URI, e.g. models:/fashion-mnist-softmax@champion.")
+@click.argument("images", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--test", "test_count", type=int, default=0, help="Also predict the first N test images.")
+@click.option("--data", default="", help="Prepared data URI for --test; empty = default split.")
+def predict(model_uri, images, test_count, data):
+    """Print the most likely classes for image files (PNG/JPEG) or test images."""
+    from pipeline.config import CLASS_NAMES
+    from pipeline.evaluate import load_model
+    from pipeline.predict import image_to_array, top_k
+
+    if not images and not test_count:
+        raise click.UsageError("give image files and/or --test N")
+    model = load_model(model_uri)
+    names, arrays, failures = [], [], 0
+    for path in images:
+        try:
+            arrays.append(image_to_array(path))
+            names.append(str(path))
+        except PipelineError as e:
+            click.echo(f"error: {e.message}", err=True)
+            failures += 1
+    if test_count:
+        splits = steps.load_data(data)
+        arrays.extend(splits.test_x[:test_count])
+        names.extend(f"test[{i}] (true: {CLASS_NAMES[y]})" for i, y in enumerate(splits.test_y[:test_count]))
+    if arrays:
+        for name, top in zip(names, top_k(model, np.stack(arrays))):
+            click.echo(f"{name}: " + ", ".join(f"{c} {p:.3f}" for c, p in top))
+    if failures:
+        sys.exit(1)
+
+
+def tune_options(f):
+    d, space = TuneConfig(), SearchSpace()
+    for option in reversed([
+        click.option("--trials", type=int, default=d.trials, show_default=True,
+                     help="Trials the study holds when done; its finished trials (earlier runs, other "
+                     "machines) count."),
+        click.option("--workers", type=int, default=d.workers, show_default=True,
+                     help="Processes on this machine working on the study."),
+        click.option("--storage", default=d.storage, show_default=True,
+                     help="Optuna storage: a database URL (sqlite:///optuna.db, postgresql://user@host/db, "
+                     "mysql+pymysql://user@host/db) or a journal file (journal:///optuna.log or a path "
+                     "ending in .log/.journal)."),
+        click.option("--study-name", default=d.study_name, show_default=True,
+                     help="Created if new, resumed if it exists (never overwritten)."),
+        click.option("--sampler", type=click.Choice(SAMPLERS), default=d.sampler, show_default=True),
+        click.option("--pruner", type=click.Choice(PRUNERS), default=d.pruner, show_default=True,
+                     help="Stops unpromising trials early, from their per-epoch val accuracy."),
+        click.option("--seed", type=int, default=d.seed, show_default=True,
+                     help="Seeds the sampler and every trial's training."),
+        click.option("--patience", type=int, default=d.patience, show_default=True,
+                     help="Early stopping inside each trial; 0 = never."),
+        click.option("--batch-size", type=int, default=d.batch_size, show_default=True),
+        click.option("--lr-low", type=float, default=space.lr_low, show_default=True,
+                     help="Learning rate range (log scale)."),
+        click.option("--lr-high", type=float, default=space.lr_high, show_default=True),
+        click.option("--epochs-low", type=int, default=space.epochs_low, show_default=True,
+                     help="Range of the maximum epochs of a trial."),
+        click.option("--epochs-high", type=int, default=space.epochs_high, show_default=True),
+        click.option("--wd-low", type=float, default=space.wd_low, show_default=True,
+                     help="Weight decay range (log scale); 0 is always reachable as well."),
+        click.option("--wd-high", type=float, default=space.wd_high, show_default=True),
+        click.option("--evaluate", type=bool, default=d.evaluate, show_default=True,
+                     help="Evaluate the best model on test and register it."),
+    ]):
+        f = option(f)
+    return f
+
+
+@cli.command()
+@tune_options
+@click.option("--data", default="", help="Prepared data: runs:/<id>/prepared or a folder; "
+              "empty = prepare the default split in this run.")
+def tune(data, **options):
+    """Search lr, epochs and weight decay with Optuna; evaluate and register the best model."""
+    space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options)
+    with mlflow.start_run(run_name=f"tune {cfg.study_name}"):
+        study = run_study(cfg, space, data)
+    click.echo(describe(study))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--smoke", type=bool, default=False, show_default=True,
+              help="Cap epochs, data, trials and steps (see pipeline.experiments.SMOKE) for a quick check; "
+              "the runs go to the experiment '<name>-smoke'.")
+def experiment(file, smoke):
+    """Run an experiment file (experiments/*.yaml): every grid point or the study, as MLflow runs."""
+    from pipeline.experiments import SMOKE, Caps, load_spec, run_experiment
+
+    spec = load_spec(file)  # a bad file fails here, naming the line, before anything runs
+    result = run_experiment(spec, SMOKE if smoke else Caps())
+    click.echo(f"{len(result['run_ids'])} run(s) in experiment '{result['experiment']}' (parent run "
+               f"{result['parent_run_id']}); compare them: python -m pipeline report {result['experiment']}")
+
+
+@cli.command()
+@click.argument("experiment_name")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
+              show_default=True, help="The report goes to OUT/EXPERIMENT_NAME/.")
+def report(experiment_name, out):
+    """Leaderboard (markdown, CSV) and accuracy curves of all runs of an MLflow experiment."""
+    from pipeline.report import write_report
+
+    result = write_report(experiment_name, out)
+    click.echo(result["markdown"])
+    click.echo(f"written to {result['directory']} and logged to run {result['run_id']}")

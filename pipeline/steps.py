@@ -72,5 +72,5 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)
-    mlflow.set_tag("pipeline.stopped_early", result.stopped_early)
+    mlflow.set_tags({"pipeline.stopped_early": result.stopped_early, tracking.MODEL_URI_TAG: model_info.model_uri})
     return result, model_info

@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 
 MODEL_ARTIFACT = "model"
 PREPARED_ARTIFACT = "prepared"
+MODEL_URI_TAG = "pipeline.model_uri"  # the model a train run produced (models:/<model_id>)
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
@@ -88,13 +89,16 @@ def code_version() -> str:
     """
     root = Path(__file__).resolve().parent.parent
     try:
-        git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
-        commit = git(["git", "rev-parse", "HEAD"]).stdout.strip()
-        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
-        if not dirty:
+        git = functools.partial(subprocess.run, cwd=root, capture_output=True, check=True)
+        commit = git(["git", "rev-parse", "HEAD"]).stdout.decode().strip()
+        changes = git(["git", "diff", "HEAD"]).stdout  # edits to tracked files
+        untracked = git(["git", "ls-files", "--others", "--exclude-standard", "-z"]).stdout.split(b"\0")
+        if not changes and not any(untracked):
             return commit
-        diff = git(["git", "diff", "HEAD"]).stdout
-        return f"{commit}-dirty-{hashlib.sha256(diff.encode()).hexdigest()[:12]}"
+        h = hashlib.sha256(changes)
+        for name in filter(None, untracked):  # new files not yet committed count as changes too
+            h.update(name + b"\0" + (root / name.decode()).read_bytes())
+        return f"{commit}-dirty-{h.hexdigest()[:12]}"
     except (OSError, subprocess.CalledProcessError):
         h = hashlib.sha256()
         for path in sorted((root / "pipeline").glob("*.py")):

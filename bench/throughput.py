@@ -1,0 +1,224 @@
+"""Benchmarks 1 and 2: the project's epoch against the book's, and against the compute floor.
+
+1. The reference is the book's ``load_data_fashion_mnist`` + ``train_epoch_ch3`` (d2l §3.6-3.7):
+   torchvision's ``FashionMNIST`` with ``ToTensor``, a ``DataLoader`` of batch 256, shuffled, 4
+   workers, training the same model (``pipeline.model.build_model``) with the same SGD and loss.
+   The project trains on ``pipeline.train.Tensors`` (the whole split in memory, batches sliced by
+   index), with ``pipeline.train.fit`` (tracking off) and ``pipeline.steps.train`` inside an MLflow
+   run (tracking on: ``mlflow.log_metrics`` once per epoch). Both sides train on the same number of
+   images (the project's 50,000-image training split; the reference a seeded ``Subset`` of as many
+   images of torchvision's training set) and validate on as many held-out images.
+2. The floor is one full-batch forward and backward pass over the whole training tensor: the same
+   arithmetic as an epoch with none of the per-batch overhead, bound by memory bandwidth.
+"""
+
+import gzip
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import data as tud
+from torchvision import datasets, transforms
+
+from bench.common import Result, median, timed
+from pipeline import steps
+from pipeline.config import DataConfig, TrainConfig
+from pipeline.data import locate_raw_files, prepare_splits
+from pipeline.model import build_model
+from pipeline.train import Tensors, fit, train_epoch
+
+BOOK_WORKERS = 4  # d2l's get_dataloader_workers()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The reference: the book's data pipeline and training loop
+
+
+def torchvision_root(data_dir: str | None, root: Path) -> Path:
+    """Lay the raw files out as torchvision's FashionMNIST reads them: uncompressed, in <root>/FashionMNIST/raw/."""
+    raw_dir = root / "FashionMNIST" / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for path in locate_raw_files(data_dir, allow_download=False).values():
+        content = path.read_bytes()
+        (raw_dir / path.name.removesuffix(".gz")).write_bytes(
+            gzip.decompress(content) if path.suffix == ".gz" else content)
+    return root
+
+
+def book_loaders(root: Path, n_train: int, n_val: int, batch_size: int) -> tuple[tud.DataLoader, tud.DataLoader]:
+    """The book's ``load_data_fashion_mnist``, on a seeded train/validation split of the training file."""
+    dataset = datasets.FashionMNIST(root=str(root), train=True, transform=transforms.ToTensor())
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    train = tud.Subset(dataset, order[:n_train])
+    val = tud.Subset(dataset, order[n_train:n_train + n_val])
+    return (tud.DataLoader(train, batch_size, shuffle=True, num_workers=BOOK_WORKERS),
+            tud.DataLoader(val, batch_size, shuffle=False, num_workers=BOOK_WORKERS))
+
+
+def book_train_epoch(net, train_iter, loss, updater) -> tuple[float, float]:
+    """d2l's ``train_epoch_ch3`` with a torch optimiser: per-batch loss and accuracy read back as floats."""
+    net.train()
+    total_loss, correct, count = 0.0, 0.0, 0
+    for X, y in train_iter:
+        y_hat = net(X)
+        l = loss(y_hat, y)  # noqa: E741 (the book's name)
+        updater.zero_grad()
+        l.mean().backward()
+        updater.step()
+        total_loss += float(l.sum().detach())
+        correct += float((y_hat.argmax(dim=1).type(y.dtype) == y).sum())
+        count += y.numel()
+    return total_loss / count, correct / count
+
+
+def book_evaluate_accuracy(net, data_iter) -> float:
+    """d2l's ``evaluate_accuracy``."""
+    net.eval()
+    correct, count = 0.0, 0
+    with torch.no_grad():
+        for X, y in data_iter:
+            correct += float((net(X).argmax(dim=1).type(y.dtype) == y).sum())
+            count += y.numel()
+    return correct / count
+
+
+def time_reference(root: Path, n_train: int, n_val: int, cfg: TrainConfig, epochs: int) -> dict:
+    """Seconds per training pass and per whole epoch (train + validation) of the book's loop."""
+    train_iter, val_iter = book_loaders(root, n_train, n_val, cfg.batch_size)
+    # the book's 4 workers on a 2-core machine make torch warn on every epoch; that is the setting we measure
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+    torch.manual_seed(cfg.seed)  # the DataLoader's shuffling draws from the global generator
+    net = build_model(cfg.seed)
+    loss = nn.CrossEntropyLoss(reduction="none")
+    updater = torch.optim.SGD(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_s, epoch_s = [], []
+    for _ in range(epochs):
+        t_train, _ = timed(book_train_epoch, net, train_iter, loss, updater)
+        t_val, accuracy = timed(book_evaluate_accuracy, net, val_iter)
+        train_s.append(t_train)
+        epoch_s.append(t_train + t_val)
+    return {"train_s": train_s, "epoch_s": epoch_s, "val_accuracy": accuracy}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The project: the same model and optimiser on in-memory tensors
+
+
+def time_training_pass(tensors: Tensors, cfg: TrainConfig, epochs: int) -> list[float]:
+    """Seconds of ``pipeline.train.train_epoch`` alone, epoch after epoch (optimiser built as ``fit`` does)."""
+    model = build_model(cfg.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return [timed(train_epoch, model, *tensors.train, optimizer, cfg, generator)[0] for _ in range(epochs)]
+
+
+class EpochClock:
+    """An ``on_epoch`` callback that notes when each epoch ended; the gaps are whole-epoch times."""
+
+    def __init__(self):
+        self.stamps = [time.perf_counter()]
+
+    def __call__(self, metrics: dict) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def epoch_seconds(self) -> list[float]:
+        # the first gap also holds the set-up before epoch 1 (params logged, optimiser built): dropped
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+        return gaps[1:]
+
+
+def time_untracked_epochs(tensors: Tensors, cfg: TrainConfig) -> list[float]:
+    """Whole epochs (train + validation + best-weights bookkeeping) of ``pipeline.train.fit``."""
+    clock = EpochClock()
+    fit(build_model(cfg.seed), tensors, cfg, on_epoch=clock)
+    return clock.epoch_seconds()
+
+
+def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, store: Path) -> tuple[list[float], float]:
+    """Whole epochs of ``pipeline.steps.train`` in an MLflow run (sqlite store), and its per-run cost.
+
+    The per-run cost is what the step spends outside its epochs: params before, curves figure,
+    model and summary after. A tuning study pays it once per trial.
+    """
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = mlflow.create_experiment("bench-throughput", artifact_location=(store / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment, run_name="bench-train"):
+        clock = EpochClock()
+        steps.train(cfg, splits, tensors, progress=False, on_epoch=clock)
+        end = time.perf_counter()
+    epochs = clock.epoch_seconds()
+    before = clock.stamps[1] - clock.stamps[0] - median(epochs)  # the first gap less one typical epoch
+    after = end - clock.stamps[-1]
+    return epochs, before + after
+
+
+def time_compute_floor(tensors: Tensors, cfg: TrainConfig, repeats: int) -> list[float]:
+    """One forward and backward pass over the whole training tensor at once, ``repeats`` times."""
+    model = build_model(cfg.seed)
+    x, y = tensors.train
+
+    def full_batch_pass():
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+
+    full_batch_pass()  # warm-up: first-touch allocation of the activations and gradients
+    return [timed(full_batch_pass)[0] for _ in range(repeats)]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def run(quick: bool, data_dir: str | None) -> list[Result]:
+    """Both benchmarks in one process run, so that every ratio compares like with like."""
+    cfg = TrainConfig(epochs=3 if quick else 12, patience=0)  # no early stop: every epoch is timed
+    book_epochs = 2 if quick else 3
+    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
+        tmp = Path(tmp)
+        data_cfg = DataConfig(data_dir=data_dir, limit=1_000 if quick else 0)
+        splits = prepare_splits(data_cfg, cache_root=tmp / "prepared")[0]
+        tensors = Tensors.from_splits(splits)
+        n_train, n_val = len(tensors.train[1]), len(tensors.val[1])
+
+        floor = time_compute_floor(tensors, cfg, repeats=5 if quick else 15)
+        train_pass = time_training_pass(tensors, cfg, cfg.epochs)
+        untracked = time_untracked_epochs(tensors, cfg)
+        tracked, per_run_tracking = time_tracked_epochs(splits, tensors, cfg, tmp)
+        book = time_reference(torchvision_root(data_dir, tmp / "torchvision"), n_train, n_val, cfg, book_epochs)
+
+    project_ips, book_ips = n_train / median(train_pass), n_train / median(book["train_s"])
+    epoch_off, epoch_on = median(untracked), median(tracked)
+    speedup = project_ips / book_ips
+    tracking_cost = epoch_on / epoch_off - 1
+    throughput = Result("epoch_throughput", quick=quick, metrics={
+        "train_images": n_train, "val_images": n_val,
+        "book_train_images_per_s": book_ips, "project_train_images_per_s": project_ips,
+        "train_throughput_ratio_x": speedup,
+        "book_epoch_s": median(book["epoch_s"]),
+        "project_epoch_untracked_s": epoch_off, "project_epoch_tracked_s": epoch_on,
+        "epoch_time_ratio_x": median(book["epoch_s"]) / epoch_off,
+        "tracking_cost_per_epoch_pct": 100 * tracking_cost,
+        "tracking_cost_per_run_s": per_run_tracking,
+        "book_epochs_timed": len(book["epoch_s"]), "project_epochs_timed": len(untracked),
+    }, note=(
+        f"medians over epochs; both sides train on {n_train:,} images and validate on {n_val:,} "
+        f"(reference: seeded Subsets of torchvision's training set, DataLoader batch {cfg.batch_size}, "
+        f"shuffled, {BOOK_WORKERS} workers; the first, set-up-laden epoch of fit/steps.train is dropped)"
+    ))
+    throughput.check("speedup", speedup, 20, True, "project training pass >= 20x the book's images/s")
+    throughput.check("tracking", 100 * tracking_cost, 5, False, "MLflow tracking < 5% of epoch time")
+
+    floor_s = median(floor)
+    compute_floor = Result("compute_floor", quick=quick, metrics={
+        "full_batch_forward_backward_s": floor_s,
+        "project_training_pass_s": median(train_pass),
+        "project_epoch_untracked_s": epoch_off,
+        "training_pass_over_floor_x": median(train_pass) / floor_s,
+        "epoch_over_floor_x": epoch_off / floor_s,
+    }, note=f"floor: one forward+backward of all {n_train:,} training images at once, median of {len(floor)}")
+    compute_floor.check("floor", epoch_off / floor_s, 1.5, False, "project epoch <= 1.5x the floor")
+    return [throughput, compute_floor]

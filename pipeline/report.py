@@ -1,0 +1,153 @@
+"""The comparison people would otherwise build by hand: a leaderboard and the curves of every run.
+
+``write_report(experiment)`` pulls the runs of one MLflow experiment with ``mlflow.search_runs``
+(a pandas DataFrame, one row per run), adds what only the metric histories know, and writes
+``reports/<experiment>/leaderboard.md``, ``leaderboard.csv`` and ``accuracy_curves.png``; the same
+files are logged as artifacts of a run named "report" in that experiment.
+
+Two test accuracies, and why: a run with the test curve on (``log_test_curve``) logs ``test_accuracy``
+at every epoch (steps 1..N), and its evaluation (``pipeline.evaluate.evaluate_step``) logs the kept
+model's ``test_accuracy`` without a step, i.e. at step 0. MLflow's "latest value" is the one with the
+highest step, so ``search_runs`` shows the *last epoch's* value; the leaderboard reads the history and
+reports both: ``test_accuracy`` (the kept, best-validation model: what the run delivers) and
+``last_epoch_test_accuracy`` (what training to the end would have delivered: the overfitting lesson).
+"""
+
+import datetime
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+
+from pipeline import plots  # noqa: F401 (selects matplotlib's headless backend)
+from pipeline.errors import PipelineError
+from pipeline.experiments import ROLE_TAG
+
+KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
+EVALUATION_STEP = 0  # evaluate_step logs without a step; the test curve's steps are the epochs 1..N
+SKIPPED_ROLES = ("experiment", "report")  # parent runs of experiment files and earlier reports
+
+
+def find_runs(experiment_name: str) -> tuple[str, pd.DataFrame]:
+    """The experiment's id and its runs (oldest first), without experiment-file parents and reports."""
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        names = ", ".join(e.name for e in mlflow.search_experiments()) or "none"
+        raise PipelineError(f"no MLflow experiment named '{experiment_name}' in {mlflow.get_tracking_uri()} "
+                            f"(experiments there: {names}); run `python -m pipeline experiment FILE` first "
+                            "or set MLFLOW_TRACKING_URI to the store that holds it")
+    runs = mlflow.search_runs(experiment_ids=[experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    if f"tags.{ROLE_TAG}" in runs:
+        runs = runs[~runs[f"tags.{ROLE_TAG}"].isin(SKIPPED_ROLES)]
+    if runs.empty:
+        raise PipelineError(f"experiment '{experiment_name}' has no runs to report on yet")
+    return experiment.experiment_id, runs.reset_index(drop=True)
+
+
+def curves(client: MlflowClient, run_id: str) -> dict:
+    """The val and test accuracy curves of a run (lists of (epoch, value)) and its evaluation's test accuracy."""
+    history = lambda key: sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))  # noqa: E731
+    test = history("test_accuracy")
+    evaluations = [m.value for m in test if m.step == EVALUATION_STEP]
+    return {
+        "val": [(m.step, m.value) for m in history("val_accuracy")],
+        "test": [(m.step, m.value) for m in test if m.step != EVALUATION_STEP],
+        "evaluated_test_accuracy": evaluations[-1] if evaluations else None,  # the latest evaluation
+    }
+
+
+def metric(runs: pd.DataFrame, name: str) -> pd.Series:
+    """A metric column, all-missing when no run logged it."""
+    return runs.get(f"metrics.{name}", pd.Series(float("nan"), index=runs.index))
+
+
+def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFrame, dict]:
+    """One row per run, best val accuracy first; returns the table and the parameters all runs share."""
+    params = [p for p in KEY_PARAMS if f"params.{p}" in runs]
+    varying = [p for p in params if runs[f"params.{p}"].nunique(dropna=False) > 1]
+    common = {p: runs[f"params.{p}"].iloc[0] for p in params if p not in varying}
+    # A tune run logs its best trial's test accuracy as best_test_accuracy instead of an evaluation.
+    evaluated = pd.Series([c["evaluated_test_accuracy"] for c in run_curves], index=runs.index, dtype=float)
+    table = pd.DataFrame({
+        "run": runs.get("tags.mlflow.runName", runs["run_id"]),
+        "run_id": runs["run_id"],
+        **{p: runs[f"params.{p}"] for p in varying},
+        "best_val_accuracy": metric(runs, "best_val_accuracy"),
+        "test_accuracy": evaluated.fillna(metric(runs, "best_test_accuracy")),
+        "last_epoch_test_accuracy": [c["test"][-1][1] if c["test"] else float("nan") for c in run_curves],
+        "best_epoch": metric(runs, "best_epoch").astype("Int64"),
+        "epochs_run": metric(runs, "epochs_run").astype("Int64"),
+        "duration_s": (runs["end_time"] - runs["start_time"]).dt.total_seconds(),
+        "status": runs["status"],
+    })
+    table = table.sort_values("best_val_accuracy", ascending=False, na_position="last", kind="stable")
+    return table.reset_index(drop=True), common
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub markdown table (pandas' own needs the extra ``tabulate`` package)."""
+    def cell(value) -> str:
+        if pd.isna(value):
+            return ""
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def curves_figure(table: pd.DataFrame, run_curves: dict[str, dict], title: str) -> plt.Figure:
+    """Validation accuracy of every run (solid) and, where logged, its test accuracy (dotted, same colour)."""
+    fig, ax = plt.subplots(figsize=(10, 5.5))
+    for run_id, name in zip(table["run_id"], table["run"]):
+        c = run_curves[run_id]
+        if not c["val"]:
+            continue
+        (line,) = ax.plot(*zip(*c["val"]), label=f"{name} (val)", linewidth=1.2)
+        if c["test"]:
+            ax.plot(*zip(*c["test"]), ":", color=line.get_color(), label=f"{name} (test)", linewidth=1.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    else:
+        ax.text(0.5, 0.5, "no run logged accuracy curves", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict) -> str:
+    shown = table.drop(columns="run_id").assign(duration_s=table["duration_s"].round(1))
+    lines = [f"# Report: {experiment_name}", "",
+             f"{len(table)} runs in {mlflow.get_tracking_uri()}, generated "
+             f"{datetime.datetime.now().isoformat(timespec='seconds')}.", ""]
+    if common:
+        lines += ["Parameters shared by all runs: " + ", ".join(f"{k}={v}" for k, v in common.items()), ""]
+    lines += [to_markdown(shown), "",
+              "test_accuracy: the kept (best validation) model on the test split; last_epoch_test_accuracy: "
+              "the test curve's last epoch, where the run logged one. Sorted by best_val_accuracy: nothing is "
+              "chosen by test accuracy. Curves: accuracy_curves.png.", ""]
+    return "\n".join(lines)
+
+
+def write_report(experiment_name: str, out_root: Path = Path("reports")) -> dict:
+    """Build the leaderboard and figure, write them under ``out_root/<experiment>/`` and log them."""
+    experiment_id, runs = find_runs(experiment_name)
+    client = MlflowClient()
+    run_curves = {run_id: curves(client, run_id) for run_id in runs["run_id"]}
+    table, common = leaderboard(runs, [run_curves[r] for r in runs["run_id"]])
+    directory = Path(out_root) / experiment_name
+    directory.mkdir(parents=True, exist_ok=True)
+    markdown = markdown_report(experiment_name, table, common)
+    (directory / "leaderboard.md").write_text(markdown)
+    table.to_csv(directory / "leaderboard.csv", index=False)
+    figure = curves_figure(table, run_curves, f"{experiment_name}: accuracy per epoch")
+    figure.savefig(directory / "accuracy_curves.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={ROLE_TAG: "report"}) as run:
+        mlflow.log_artifacts(str(directory), artifact_path="report")
+    return {"table": table, "markdown": markdown, "directory": directory, "run_id": run.info.run_id}

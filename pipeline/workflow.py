@@ -1,0 +1,117 @@
+"""``main``: prepare -> train (or tune) -> evaluate -> register, as one parent run with child runs.
+
+This follows MLflow's ``multistep_workflow`` example: each step is an MLproject entry point launched
+with ``mlflow.projects.run`` inside the parent run (which makes it a child run), and a step that already
+finished with the same entry point, parameters and code is reused instead of run again. Steps hand data
+to each other through run URIs (``runs:/<prepare run>/prepared``, ``models:/<model id>``), which are
+themselves parameters of the next step: a re-run upstream step gives a new URI, so everything
+downstream re-runs too.
+"""
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Run
+from mlflow.exceptions import ExecutionException
+
+from pipeline.errors import PipelineError
+from pipeline.registry import promote_if_better
+from pipeline.tracking import MODEL_URI_TAG, PREPARED_ARTIFACT, code_version
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+CODE_VERSION_TAG = "pipeline.code_version"
+
+
+@dataclass
+class MainConfig:
+    prepare: dict = field(default_factory=dict)  # overrides of the prepare entry point's parameters
+    train: dict = field(default_factory=dict)  # ... of train's (used when trials == 0)
+    tune: dict = field(default_factory=dict)  # ... of tune's (used when trials > 0)
+    trials: int = 20
+    force: bool = False
+
+
+def entry_point_defaults(entry_point: str) -> dict[str, str]:
+    """The parameters an entry point declares in MLproject, with their defaults as strings."""
+    spec = yaml.safe_load((PROJECT_DIR / "MLproject").read_text())["entry_points"]
+    if entry_point not in spec:
+        raise PipelineError(f"MLproject has no entry point '{entry_point}'")
+    return {name: str(p.get("default", "")) for name, p in spec[entry_point].get("parameters", {}).items()}
+
+
+def step_parameters(entry_point: str, overrides: dict) -> dict[str, str]:
+    """All of an entry point's parameters, as strings: the way MLflow stores and we compare them."""
+    params = entry_point_defaults(entry_point)
+    unknown = set(overrides) - set(params)
+    if unknown:
+        raise PipelineError(f"entry point '{entry_point}' has no parameter(s) {sorted(unknown)}")
+    params.update({k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in overrides.items()})
+    return params
+
+
+def find_finished_run(experiment_id: str, entry_point: str, params: dict, version: str) -> Run | None:
+    """The newest finished run of ``entry_point`` with exactly these parameters and code version."""
+    runs = MlflowClient().search_runs(
+        [experiment_id],
+        filter_string=(f"tags.`mlflow.project.entryPoint` = '{entry_point}' "
+                       f"and tags.`{CODE_VERSION_TAG}` = '{version}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+    )
+    # MLflow shell-quotes each value for the entry point's command and logs it quoted ("" -> "''")
+    expected = {k: shlex.quote(v) for k, v in params.items()}
+    for run in runs:
+        if all(run.data.params.get(k) == v for k, v in expected.items()):
+            return run
+    return None
+
+
+def run_step(entry_point: str, params: dict, force: bool) -> Run:
+    """Reuse a finished identical step, or launch it as a child run of the active run."""
+    parent = mlflow.active_run()
+    version = code_version()
+    experiment_id = parent.info.experiment_id
+    reused = None if force else find_finished_run(experiment_id, entry_point, params, version)
+    if reused is not None:
+        print(f"[main] reusing {entry_point} run {reused.info.run_id}")
+        run_id = reused.info.run_id
+    else:
+        print(f"[main] running {entry_point} with {params}")
+        try:
+            submitted = mlflow.projects.run(str(PROJECT_DIR), entry_point, parameters=params,
+                                            env_manager="local", experiment_id=experiment_id)
+        except ExecutionException as e:
+            raise PipelineError(f"step '{entry_point}' failed: {e}; its output is above")
+        run_id = submitted.run_id
+        MlflowClient().set_tag(run_id, CODE_VERSION_TAG, version)
+    mlflow.set_tags({f"pipeline.step.{entry_point}": run_id,
+                     f"pipeline.step.{entry_point}.reused": reused is not None})
+    return MlflowClient().get_run(run_id)
+
+
+def run_main(cfg: MainConfig) -> dict:
+    """Run the whole pipeline inside the active (parent) run and return its headline figures."""
+    prepare = run_step("prepare", step_parameters("prepare", cfg.prepare), cfg.force)
+    data_uri = f"runs:/{prepare.info.run_id}/{PREPARED_ARTIFACT}"
+    if cfg.trials > 0:
+        overrides = {**cfg.tune, "data": data_uri, "trials": cfg.trials, "evaluate": False}
+        model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
+        model_uri = model_run.data.tags.get("pipeline.best_model_uri")
+    else:
+        model_run = run_step("train", step_parameters("train", {**cfg.train, "data": data_uri}), cfg.force)
+        model_uri = model_run.data.tags.get(MODEL_URI_TAG)
+    if not model_uri:
+        raise PipelineError(f"run {model_run.info.run_id} finished without recording a model URI")
+    evaluation = run_step("evaluate", step_parameters("evaluate", {"model_uri": model_uri, "data": data_uri}),
+                          cfg.force)
+    val_accuracy = model_run.data.metrics["best_val_accuracy"]
+    headline = {"val_accuracy": val_accuracy, "test_accuracy": evaluation.data.metrics["test_accuracy"]}
+    if "best_epoch" in model_run.data.metrics:
+        headline["best_epoch"] = model_run.data.metrics["best_epoch"]
+    mlflow.log_metrics(headline)
+    mlflow.set_tag(MODEL_URI_TAG, model_uri)
+    decision = promote_if_better(model_uri, val_accuracy)
+    return {**headline, "model_uri": model_uri, "registry": decision}

@@ -1,0 +1,153 @@
+"""Evaluation, registry aliases, predict and serving, on models trained on a slice of the real data."""
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from PIL import Image
+
+from pipeline import steps
+from pipeline.cli import cli
+from pipeline.config import CLASS_NAMES, TrainConfig
+from pipeline.evaluate import evaluate_step, predict_logits
+from pipeline.registry import CHAMPION, MODEL_NAME, promote_if_better
+
+
+def train_model(splits, **cfg):
+    with mlflow.start_run():
+        result, info = steps.train(TrainConfig(**cfg), splits, progress=False)
+    return result, info
+
+
+@pytest.fixture
+def trained(mlflow_store, real_slice):
+    return train_model(real_slice[0], epochs=3)
+
+
+def test_evaluate_step_logs_metrics_table_and_figures(trained, real_slice):
+    splits = real_slice[0]
+    result, info = trained
+    with mlflow.start_run() as run:
+        evaluation = evaluate_step(info.model_uri, splits)
+    # oracle: the in-memory model's own predictions
+    expected_pred = predict_logits(result.model, splits.test_x).argmax(1).numpy()
+    np.testing.assert_array_equal(evaluation["predictions"], expected_pred)
+    assert evaluation["test_accuracy"] == pytest.approx((expected_pred == splits.test_y).mean())
+    table = evaluation["per_class"]
+    assert list(table["class"]) == list(CLASS_NAMES) and table["support"].sum() == len(splits.test_y)
+    for c in range(10):
+        recall = (expected_pred[splits.test_y == c] == c).mean()
+        precision = (splits.test_y[expected_pred == c] == c).mean() if (expected_pred == c).any() else 0.0
+        assert table["recall"][c] == pytest.approx(recall) and table["precision"][c] == pytest.approx(precision)
+    client = MlflowClient()
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"per_class.json", "per_class.csv", "confusion_matrix.png", "confident_mistakes.png"} <= artifacts
+    assert client.get_run(run.info.run_id).data.metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
+    # linked to the logged model: the UI shows test accuracy beside it
+    model_metrics = {m.key: m.value for m in mlflow.get_logged_model(info.model_id).metrics}
+    assert model_metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
+
+
+def test_bad_model_uri_is_a_clear_error(mlflow_store):
+    result = CliRunner().invoke(cli, ["evaluate", "--model-uri", "models:/no-such-model@champion"])
+    assert result.exit_code == 1 and "cannot load model 'models:/no-such-model@champion'" in result.output
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_champion_moves_only_on_better_validation_accuracy(mlflow_store, real_slice):
+    splits = real_slice[0]
+    good, good_info = train_model(splits, epochs=3)
+    worse, worse_info = train_model(splits, epochs=1, lr=0.001)
+    assert worse.best_val_accuracy < good.best_val_accuracy
+    first = promote_if_better(good_info.model_uri, good.best_val_accuracy)
+    assert first["promoted"] and first["version"] == 1
+    second = promote_if_better(worse_info.model_uri, worse.best_val_accuracy)
+    assert not second["promoted"] and "does not beat" in second["reason"]
+    client = MlflowClient()
+    assert int(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == 1
+    # registering the same model again reuses its version instead of adding one
+    again = promote_if_better(good_info.model_uri, good.best_val_accuracy)
+    assert again["version"] == 1 and len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 2
+    better, better_info = train_model(splits, epochs=6, lr=0.3)
+    assert better.best_val_accuracy > good.best_val_accuracy
+    assert promote_if_better(better_info.model_uri, better.best_val_accuracy)["promoted"]
+    assert int(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == 3
+
+
+def test_predict_images_of_any_size_and_colour(trained, real_slice, tmp_path):
+    splits = real_slice[0]
+    result, info = trained
+    logits = predict_logits(result.model, splits.test_x)
+    probs = logits.softmax(1).max(1).values.numpy()
+    confident = np.flatnonzero(probs > 0.9)[:4]
+    paths = []
+    for i in confident:  # light background, colour, 4x larger: what a photo of clothing looks like
+        grey = 255 - splits.test_x[i]
+        img = Image.fromarray(grey).resize((112, 112), Image.Resampling.NEAREST).convert("RGB")
+        path = tmp_path / f"item{i}.{'png' if i % 2 else 'jpg'}"
+        img.save(path)
+        paths.append(path)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = CliRunner().invoke(cli, ["predict", "--model-uri", info.model_uri, *map(str, paths), str(broken)])
+    assert out.exit_code == 1  # one file failed...
+    assert "broken.png: cannot read the image" in out.output
+    for i, path in zip(confident, paths):  # ...and every other one was predicted, as the original
+        line = next(line for line in out.output.splitlines() if line.startswith(str(path)))
+        assert line.split(": ")[1].startswith(CLASS_NAMES[int(logits[i].argmax())])
+
+
+def test_predict_on_test_split(trained, real_slice):
+    _, prepared = real_slice
+    out = CliRunner().invoke(cli, ["predict", "--model-uri", trained[1].model_uri, "--test", "3",
+                                   "--data", str(prepared)])
+    assert out.exit_code == 0, out.output
+    assert len([line for line in out.output.splitlines() if line.startswith("test[")]) == 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_champion_answers_like_evaluate(trained, real_slice, subprocess_env):
+    splits = real_slice[0]
+    result, info = trained
+    promote_if_better(info.model_uri, result.best_val_accuracy)
+    with mlflow.start_run():
+        expected = evaluate_step(f"models:/{MODEL_NAME}@{CHAMPION}", splits)["predictions"]
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@{CHAMPION}",
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"server did not start:\n{server.stdout.read()[-3000:]}")
+                time.sleep(1)
+        images = (splits.test_x[:64] / 255.0).astype(np.float32)[:, None]  # (N, 1, 28, 28) in [0, 1]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
+        served = np.asarray(answer["predictions"]).argmax(axis=1)
+        np.testing.assert_array_equal(served, expected[:64])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -1,0 +1,215 @@
+"""Experiment files: every file in experiments/ is valid, bad files are refused with the line, and a
+shortened (smoke) version of each file really runs on a slice of the data."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.errors import PipelineError
+from pipeline.experiments import (
+    ROLE_TAG, SMOKE, SMOKE_SUFFIX, Caps, ExperimentSpec, load_spec, run_experiment,
+)
+from tests.conftest import REPO
+
+FILES = sorted((REPO / "experiments").glob("*.yaml"))
+REQUIRED = {"seed_baseline", "overfitting", "remedies", "tune_softmax", "numerical_stability"}
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "exp.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return path
+
+
+def test_the_required_experiment_files_exist():
+    assert REQUIRED <= {f.stem for f in FILES}
+
+
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_every_experiment_file_is_valid(path):
+    spec = load_spec(path)
+    assert spec.name == path.stem  # the MLflow experiment is named after the file
+    assert spec.description
+    if spec.entry_point == "tune":
+        assert spec.study and spec.grid == []
+    else:
+        assert spec.grid and not spec.study
+
+
+def test_book_recipe_and_overfitting_settings():
+    seed = load_spec(REPO / "experiments/seed_baseline.yaml")
+    assert seed.params == {"lr": 0.1, "epochs": 10, "batch_size": 256, "weight_decay": 0.0, "patience": 0,
+                           "seed": 0, "log_test_curve": True}
+    overfitting = load_spec(REPO / "experiments/overfitting.yaml")
+    assert overfitting.params["patience"] == 0 and overfitting.params["log_test_curve"]
+    assert [p["lr"] for p in overfitting.grid] == [0.1, 1.0]
+    remedies = load_spec(REPO / "experiments/remedies.yaml")
+    remedy_keys = {k for point in remedies.grid for k in point if k != "lr"}
+    assert {"patience", "weight_decay", "input_dropout", "augment"} <= remedy_keys
+    assert remedies.params["epochs"] == overfitting.params["epochs"]  # the same budget
+
+
+def test_grid_expansion_mapping_and_list_of_mappings(tmp_path):
+    spec = load_spec(write(tmp_path, """
+        experiment: e
+        entry_point: train
+        params: {epochs: 3}
+        grid:
+          - {lr: [0.1, 1.0], weight_decay: [1e-4, 0.001]}
+          - {augment: [true]}
+    """))
+    assert spec.grid == [{"lr": 0.1, "weight_decay": 1e-4}, {"lr": 0.1, "weight_decay": 0.001},
+                         {"lr": 1.0, "weight_decay": 1e-4}, {"lr": 1.0, "weight_decay": 0.001},
+                         {"augment": True}]
+    assert isinstance(spec.grid[0]["weight_decay"], float)  # PyYAML reads 1e-4 as text; it became a float
+    single = load_spec(write(tmp_path, "experiment: e\nentry_point: train\n"))
+    assert single.grid == [{}] and single.params == {}
+
+
+BAD_FILES = [
+    ("experiment: e\nentry_point: train\nparams:\n  epochs: 3\n  lrr: 0.1\n",
+     r"line 5: unknown key 'lrr' in params \(did you mean 'lr'\? known: lr, epochs"),
+    ("experiment: e\nentry_point: train\nepochs: 3\n", r"line 3: unknown key 'epochs' in the file"),
+    ("experiment: e\nentry_point: fit\n", r"line 2: unknown entry point 'fit' \(known: train, stability, tune\)"),
+    ("experiment: e\nentry_point: train\nparams: {lr: fast}\n", r"line 3: params.lr must be a number, got 'fast'"),
+    ("experiment: e\nentry_point: train\nparams:\n  epochs: 2.5\n", r"line 4: params.epochs must be an integer"),
+    ("experiment: e\nentry_point: train\nparams: {epochs: true}\n", r"line 3: params.epochs must be an integer"),
+    ("experiment: e\nentry_point: train\nparams: {augment: 1}\n", r"line 3: params.augment must be true/false"),
+    ("experiment: e\nentry_point: train\ngrid:\n  lr: 0.1\n", r"line 4: grid.lr must be a non-empty list"),
+    ("experiment: e\nentry_point: train\ngrid:\n  lr: [0.1, x]\n", r"line 4: grid.lr must be a number, got 'x'"),
+    ("experiment: e\nentry_point: train\nparams: {lr: 0.1}\ngrid: {lr: [1.0]}\n",
+     r"line 4: lr set in both params and grid"),
+    ("experiment: e\nentry_point: train\n\ngrid:\n  - {lr: [0.1]}\n  - {lr: [-1.0]}\n",
+     r"line 6: invalid TrainConfig \(grid point lr=-1\): lr must be > 0"),
+    ("experiment: e\nentry_point: train\nparams:\n  epochs: 3\n  patience: -1\n", r"line 5: invalid TrainConfig: patience"),
+    ("experiment: e\nentry_point: train\nstudy: {trials: 3}\n", r"line 3: 'study' is for entry point tune only"),
+    ("experiment: e\nentry_point: tune\ngrid: {lr: [0.1]}\n", r"line 3: entry point tune takes a 'study'"),
+    ("experiment: e\nentry_point: tune\n", r"line 1: entry point tune needs a 'study' section"),
+    ("experiment: e\nentry_point: tune\nstudy:\n  trials: 3\n  lr_lo: 0.1\n", r"line 5: unknown key 'lr_lo' in study"),
+    ("experiment: e\nentry_point: tune\nstudy: {sampler: bayes}\n", r"line 3: invalid TuneConfig: sampler must be"),
+    ("experiment: e\nentry_point: stability\nparams: {scales: 10}\n", r"line 3: params.scales must be a list of numbers"),
+    ("experiment: e\nentry_point: train\ndata: {val_size: 0}\n", r"line 3: invalid DataConfig: val_size"),
+    ("entry_point: train\n", r"line 1: missing required key 'experiment'"),
+    ("experiment: e\nentry_point: train\nexperiment: f\n", r"line 3: duplicate key 'experiment'"),
+    ("- a\n- b\n", r"line 1: the file must be a mapping"),
+    ("experiment: [e\n", r"is not valid YAML"),
+    ("", r"is empty"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_FILES, ids=[m.split(":")[-1][:40] for _, m in BAD_FILES])
+def test_bad_files_are_refused_with_key_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(PipelineError, match=message) as error:
+        load_spec(path)
+    assert str(path) in error.value.message
+
+
+def test_cli_refuses_a_bad_file_before_any_run(tmp_path, subprocess_env, mlflow_store):
+    path = write(tmp_path, "experiment: e\nentry_point: train\nparams:\n  lrr: 0.1\n")
+    result = subprocess.run([sys.executable, "-m", "pipeline", "experiment", str(path)],
+                            env=subprocess_env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"{path} line 4: unknown key 'lrr' in params" in result.stderr
+    assert mlflow.get_experiment_by_name("e") is None  # nothing was created
+
+
+def children(parent_run_id: str, experiment: str) -> list:
+    exp = MlflowClient().get_experiment_by_name(experiment)
+    return MlflowClient().search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                      order_by=["attributes.start_time ASC"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
+def test_every_experiment_file_runs_shortened(path, mlflow_store, real_data_dir):
+    spec = load_spec(path)
+    result = run_experiment(spec, SMOKE)
+    assert result["experiment"] == spec.name + SMOKE_SUFFIX
+    parent = MlflowClient().get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags[ROLE_TAG] == "experiment"
+    assert parent.data.params["cap_limit"] == str(SMOKE.limit)
+    runs = children(result["parent_run_id"], result["experiment"])
+    assert [r.info.run_id for r in runs] == result["run_ids"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    if spec.entry_point == "tune":
+        (tune_run,) = runs
+        trials = children(tune_run.info.run_id, result["experiment"])
+        assert len(trials) == SMOKE.max_trials
+        assert "best_val_accuracy" in tune_run.data.metrics
+        return
+    assert len(runs) == len(spec.grid)
+    for run, point in zip(runs, spec.grid):
+        assert json.loads(run.data.tags["pipeline.grid_point"]) == point
+        assert run.data.params["limit"] == str(SMOKE.limit)
+        if spec.entry_point == "train":
+            assert int(run.data.metrics["epochs_run"]) <= SMOKE.max_epochs
+            assert {"best_val_accuracy", "test_accuracy"} <= set(run.data.metrics)
+            for key, value in {**spec.params, **point}.items():
+                if key != "epochs":  # capped by the smoke option
+                    assert run.data.params[key] == str(value)
+        else:
+            assert run.data.metrics["stable_all_finite"] == 1.0
+            assert int(run.data.params["steps"]) == SMOKE.max_steps
+
+
+@pytest.mark.slow
+def test_a_diverging_point_fails_alone_and_the_others_are_kept(tmp_path, mlflow_store, real_data_dir):
+    spec = load_spec(write(tmp_path, """
+        experiment: divergence
+        entry_point: train
+        description: one sane and one absurd learning rate
+        params: {epochs: 2, patience: 0}
+        grid: {lr: [0.1, 1.0e+38]}
+    """))
+    with pytest.raises(PipelineError, match=r"1 of 2 runs failed \(lr=1e\+38: training diverged"):
+        run_experiment(spec, Caps(limit=300))
+    runs = MlflowClient().search_runs([mlflow.get_experiment_by_name("divergence-smoke").experiment_id],
+                                      "tags.`pipeline.grid_point` != ''", order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FINISHED", "FAILED"]
+    assert "test_accuracy" in runs[0].data.metrics
+    assert "diverged" in runs[1].data.tags["pipeline.failure"]
+
+
+@pytest.mark.slow
+def test_cli_and_mlflow_run_entry_point(subprocess_env, mlflow_store, real_data_dir):
+    """The command and the MLproject entry point, as real processes, then the report command."""
+    # Every process runs in the test's temporary folder (the fixtures chdir there): nothing lands in the repo.
+    seed_file = str(REPO / "experiments/seed_baseline.yaml")
+    cli = subprocess.run([sys.executable, "-m", "pipeline", "experiment", seed_file, "--smoke", "true"],
+                         env=subprocess_env, capture_output=True, text=True)
+    assert cli.returncode == 0, cli.stderr
+    assert "1 run(s) in experiment 'seed_baseline-smoke'" in cli.stdout
+
+    project = subprocess.run(
+        [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "experiment", "--env-manager", "local",
+         "--experiment-name", "seed_baseline-smoke", "-P", f"file={seed_file}", "-P", "smoke=true"],
+        env=subprocess_env, capture_output=True, text=True)
+    assert project.returncode == 0, project.stderr[-3000:]
+    experiment = mlflow.get_experiment_by_name("seed_baseline-smoke")
+    parents = MlflowClient().search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'experiment'")
+    assert len(parents) == 2
+    via_project = [p for p in parents if "mlflow.project.entryPoint" in p.data.tags]
+    assert len(via_project) == 1 and via_project[0].info.status == "FINISHED"
+    assert len(children(via_project[0].info.run_id, "seed_baseline-smoke")) == 1
+
+    report = subprocess.run([sys.executable, "-m", "pipeline", "report", "seed_baseline-smoke", "--out", "out"],
+                            env=subprocess_env, capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.count("| seed_baseline |") == 2  # one row per run, the parents left out
+
+    missing = subprocess.run([sys.executable, "-m", "pipeline", "report", "no-such-experiment"],
+                             env=subprocess_env, capture_output=True, text=True)
+    assert missing.returncode != 0 and "no MLflow experiment named 'no-such-experiment'" in missing.stderr
+
+
+def test_spec_is_a_plain_dataclass():
+    spec = ExperimentSpec(path="x.yaml", name="x", entry_point="train")
+    assert spec.grid == [{}] and spec.data.limit == 0

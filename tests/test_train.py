@@ -1,0 +1,101 @@
+"""The seed model and loss against PyTorch's own functions, training, early stopping, reproducibility."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.config import TrainConfig
+from pipeline.model import build_model
+from pipeline.train import DivergedError, Tensors, evaluate, fit
+
+
+@pytest.fixture(scope="module")
+def tensors(real_slice):
+    return Tensors.from_splits(real_slice[0])
+
+
+def test_model_is_the_books_seed_model():
+    model = build_model(seed=0)
+    assert [type(m) for m in model] == [nn.Flatten, nn.Linear]
+    assert model[1].in_features == 784 and model[1].out_features == 10
+    # weights ~ N(0, 0.01^2): 7,840 draws pin the std down to about 1%
+    assert model[1].weight.std().item() == pytest.approx(0.01, rel=0.05)
+    assert model[1].weight.mean().abs().item() < 0.001
+    torch.testing.assert_close(build_model(0)[1].weight, model[1].weight)
+    assert not torch.equal(build_model(1)[1].weight, model[1].weight)
+
+
+def test_forward_and_loss_match_pytorch_functions():
+    model = build_model(seed=0)
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    logits = model(x)
+    torch.testing.assert_close(logits, F.linear(x.reshape(16, -1), model[1].weight, model[1].bias))
+    # the loss the training uses == mean negative log of softmax probability of the true class
+    expected = -F.log_softmax(logits, dim=1).gather(1, y[:, None]).mean()
+    torch.testing.assert_close(nn.CrossEntropyLoss()(logits, y), expected)
+
+
+def test_pixels_are_scaled_like_to_tensor(real_slice):
+    from PIL import Image
+    from torchvision.transforms import ToTensor
+
+    splits = real_slice[0]
+    ours = Tensors.from_splits(splits).train[0][:3]
+    theirs = torch.stack([ToTensor()(Image.fromarray(img)) for img in splits.train_x[:3]])
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_training_learns_and_is_reproducible(tensors):
+    cfg = TrainConfig(epochs=3)
+    first = fit(build_model(cfg.seed), tensors, cfg)
+    again = fit(build_model(cfg.seed), tensors, cfg)
+    assert first.history == again.history  # same seed, same inputs: identical metrics
+    assert first.best_val_accuracy > 0.6  # 2,000 real images, 3 epochs: well above chance (0.1)
+    other = fit(build_model(1), tensors, TrainConfig(epochs=3, seed=1))
+    assert other.history != first.history
+
+
+def test_early_stopping_keeps_the_best_epochs_weights(tensors):
+    # lr 5 makes SGD bounce around, so val accuracy soon stops improving
+    cfg = TrainConfig(lr=5.0, epochs=40, patience=2)
+    result = fit(build_model(0), tensors, cfg)
+    val_accs = [m["val_accuracy"] for m in result.history]
+    assert result.stopped_early and len(val_accs) == result.best_epoch + cfg.patience < cfg.epochs
+    assert result.best_val_accuracy == max(val_accs) == val_accs[result.best_epoch - 1]
+    # the returned model is the best epoch's, not the last epoch's
+    assert evaluate(result.model, *tensors.val)[1] == pytest.approx(result.best_val_accuracy)
+    assert val_accs[-1] < result.best_val_accuracy
+
+
+def test_patience_zero_runs_every_epoch(tensors):
+    result = fit(build_model(0), tensors, TrainConfig(lr=5.0, epochs=6, patience=0))
+    assert len(result.history) == 6 and not result.stopped_early
+
+
+def test_test_curve_only_when_asked(tensors):
+    assert "test_accuracy" not in fit(build_model(0), tensors, TrainConfig(epochs=1)).history[0]
+    assert "test_accuracy" in fit(build_model(0), tensors, TrainConfig(epochs=1, log_test_curve=True)).history[0]
+
+
+def test_diverging_loss_raises(tensors):
+    with pytest.raises(DivergedError, match="diverged at epoch 1.*lower the learning rate"):
+        fit(build_model(0), tensors, TrainConfig(lr=1e38, epochs=3))
+
+
+@pytest.mark.parametrize("field, value", [("lr", 0.0), ("epochs", 0), ("batch_size", 0),
+                                          ("weight_decay", -1e-3), ("patience", -1)])
+def test_invalid_config_is_rejected(field, value):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_remedies_change_training(tensors):
+    base = fit(build_model(0), tensors, TrainConfig(epochs=2)).history
+    for cfg in (TrainConfig(epochs=2, input_dropout=0.2), TrainConfig(epochs=2, augment=True),
+                TrainConfig(epochs=2, weight_decay=1e-2)):
+        history = fit(build_model(0), tensors, cfg).history
+        assert history != base and np.isfinite(history[-1]["train_loss"])
+        assert history == fit(build_model(0), tensors, cfg).history  # still reproducible

@@ -1,0 +1,334 @@
+"""The Optuna study: real storages (sqlite, journal file, PostgreSQL), real MLflow stores, real processes.
+
+Trials run on a 2,000-image slice of the real data with a few epochs, so each takes well under a second.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState
+
+from pipeline.cli import cli
+from pipeline.config import TrainConfig
+from pipeline.errors import PipelineError
+from pipeline.registry import CHAMPION, MODEL_NAME
+from pipeline.tune import (BEST_MODEL_TAG, FAIL_REASON_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR, STATE_TAG, STUDY_TAG,
+                           TRIAL_TAG, SearchSpace, TuneConfig, open_storage, run_study)
+
+SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
+
+
+def load(storage: str, name: str = "s") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(TuneConfig(storage=storage)))
+
+
+def trial_runs(study_name: str) -> list:
+    """The MLflow child runs of a study's trials, across all parent runs."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`{STUDY_TAG}` = '{study_name}'")
+    return [r for r in runs if TRIAL_TAG in r.data.tags]
+
+
+def assert_one_finished_run_per_trial(study: optuna.Study) -> None:
+    runs = trial_runs(study.study_name)
+    assert Counter(int(r.data.tags[TRIAL_TAG]) for r in runs) == Counter(t.number for t in study.trials)
+    by_id = {r.info.run_id: r for r in runs}
+    for trial in study.trials:
+        run = by_id[trial.user_attrs[RUN_ID_ATTR]]
+        assert int(run.data.tags[TRIAL_TAG]) == trial.number
+        assert run.data.tags[STATE_TAG] == trial.state.name
+        assert run.info.status != "RUNNING"
+        assert "mlflow.parentRunId" in run.data.tags
+
+
+def tune_command(data: Path, storage: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "tune", "--data", str(data), "--storage", storage,
+            "--study-name", "s", "--epochs-low", "1", "--epochs-high", "3", "--evaluate", "false", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration errors: caught before any study or run exists
+
+
+@pytest.mark.parametrize("space, message", [
+    (SearchSpace(lr_low=0.5, lr_high=0.1), "--lr-low 0.5 is above --lr-high 0.1"),
+    (SearchSpace(lr_low=0.0), "lr bounds are searched on a log scale"),
+    (SearchSpace(wd_low=-1e-4), "wd bounds are searched on a log scale"),
+    (SearchSpace(wd_low=0.1, wd_high=0.01), "--wd-low 0.1 is above --wd-high 0.01"),
+    (SearchSpace(epochs_low=0), "--epochs-low must be >= 1"),
+    (SearchSpace(epochs_low=20, epochs_high=10), "--epochs-low 20 is above --epochs-high 10"),
+])
+def test_bad_search_space_is_rejected(space, message):
+    with pytest.raises(ValueError, match=message):
+        space.validate()
+
+
+@pytest.mark.parametrize("cfg, message", [
+    (TuneConfig(trials=0), "trials must be >= 1"),
+    (TuneConfig(workers=0), "workers must be >= 1"),
+    (TuneConfig(sampler="grid"), "sampler must be one of tpe, random, gp"),
+    (TuneConfig(storage="optuna.db"), "neither a database URL"),
+])
+def test_bad_tune_config_is_rejected(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_defaults_are_valid():
+    SearchSpace().validate()
+    TuneConfig().validate()
+
+
+@pytest.mark.parametrize("bad", [["--lr-low", "1", "--lr-high", "0.01"], ["--wd-low", "0"], ["--trials", "0"]])
+def test_cli_rejects_bad_options_before_a_study_starts(bad, mlflow_store, tmp_path):
+    db = tmp_path / "optuna.db"
+    result = CliRunner().invoke(cli, ["tune", "--storage", f"sqlite:///{db}", *bad])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value" not in result.output and "Error:" in result.output
+    assert not db.exists()
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_unreachable_database_is_a_clear_error():
+    cfg = TuneConfig(storage="postgresql://someone:secret@127.0.0.1:1/nothing")
+    with pytest.raises(PipelineError) as e:
+        open_storage(cfg)
+    assert "cannot open the Optuna storage postgresql://someone:***@127.0.0.1:1/nothing" in e.value.message
+    assert "secret" not in e.value.message
+
+
+@pytest.mark.parametrize("url, path", [("journal:///study.log", "study.log"), ("runs/study.journal", "runs/study.journal")])
+def test_journal_file_storage_urls(url, path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    optuna.create_study(study_name="s", storage=open_storage(TuneConfig(storage=url)))
+    assert (tmp_path / path).stat().st_size > 0
+    assert load(url).study_name == "s"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Studies on a slice of the real data
+
+
+@pytest.mark.slow
+def test_small_study_on_real_data(real_slice, mlflow_store, tmp_path):
+    """A complete study: seed trial first, a child run per trial, the best model evaluated and registered."""
+    _, data = real_slice
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with mlflow.start_run() as parent:
+        study = run_study(TuneConfig(trials=5, storage=storage, study_name="s"), SMALL_SPACE, str(data))
+
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 5  # no pruning in 5 startup trials
+    seed = TrainConfig()
+    assert study.trials[0].params == {"lr": seed.lr, "epochs": seed.epochs, "use_weight_decay": False,
+                                      "weight_decay": SMALL_SPACE.wd_low}
+    assert_one_finished_run_per_trial(study)
+
+    run = mlflow.get_run(parent.info.run_id)
+    best = study.best_trial
+    assert run.data.tags[BEST_MODEL_TAG] == best.user_attrs[MODEL_URI_ATTR] == study.user_attrs["best_model_uri"]
+    assert run.data.tags[BEST_MODEL_TAG].startswith("models:/")
+    assert run.data.metrics["best_val_accuracy"] == pytest.approx(best.value)
+    assert float(run.data.params["best_lr"]) == pytest.approx(best.params["lr"])
+    assert int(run.data.params["best_epochs"]) == best.params["epochs"]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "study")}
+    assert {f"study/{name}.png" for name in ("optimization_history", "param_importances", "parallel_coordinate",
+                                             "slice", "intermediate_values")} <= artifacts
+    trials_csv = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/study/trials.csv")
+    assert len(trials_csv.strip().splitlines()) == 1 + 5
+
+    evaluation = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                    filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                                  "and attributes.run_name = 'evaluate'")
+    assert len(evaluation) == 1 and 0.5 < evaluation[0].data.metrics["test_accuracy"] <= 1
+    assert run.data.metrics["best_test_accuracy"] == evaluation[0].data.metrics["test_accuracy"]
+    champion = mlflow.MlflowClient().get_model_version_by_alias(MODEL_NAME, CHAMPION)
+    assert champion.model_id == run.data.tags[BEST_MODEL_TAG].removeprefix("models:/")
+
+
+@pytest.mark.slow
+def test_resume_keeps_trials_and_same_seed_gives_same_study(real_slice, mlflow_store, tmp_path):
+    _, data = real_slice
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = TuneConfig(trials=3, storage=storage, study_name="a", pruner="none", evaluate=False)
+    first = run_study(cfg, SMALL_SPACE, str(data))
+    before = [(t.number, t.params, t.value) for t in first.trials]
+
+    resumed = run_study(replace(cfg, trials=5), SMALL_SPACE, str(data))
+    assert len(resumed.trials) == 5
+    assert [(t.number, t.params, t.value) for t in resumed.trials[:3]] == before  # resumed, not overwritten
+    assert_one_finished_run_per_trial(resumed)
+
+    again = run_study(replace(cfg, study_name="b", trials=5), SMALL_SPACE, str(data))
+    assert [(t.params, t.value) for t in again.trials] == [(t.params, t.value) for t in resumed.trials]
+
+
+@pytest.mark.slow
+def test_diverging_trials_fail_and_the_study_goes_on(real_slice, mlflow_store, tmp_path):
+    _, data = real_slice
+    huge_lr = SearchSpace(lr_low=1e37, lr_high=1e38, epochs_low=1, epochs_high=2)  # loss becomes NaN
+    cfg = TuneConfig(trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", evaluate=False)
+    with pytest.warns(UserWarning, match="out of range"):  # the seed recipe's lr lies outside this space
+        study = run_study(cfg, huge_lr, str(data))
+
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    assert study.best_trial.number == 0
+    for trial in study.trials[1:]:
+        assert "training diverged at epoch 1" in trial.user_attrs[FAIL_REASON_ATTR]
+        run = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "FAILED" and "diverged" in run.data.tags["pipeline.failure"]
+    assert_one_finished_run_per_trial(study)
+
+
+def wait_for_running_trial(storage: str, number: int, timeout: float = 120) -> None:
+    """Poll the study until trial ``number`` is running and has its MLflow run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            trials = load(storage).trials
+        except KeyError:  # the study is not created yet
+            trials = []
+        if len(trials) > number and trials[number].state == TrialState.RUNNING \
+                and RUN_ID_ATTR in trials[number].user_attrs:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"trial {number} did not start within {timeout} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(real_slice, subprocess_env, tmp_path):
+    _, data = real_slice
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    # Long trials (many epochs, no early stopping) so that trial 1 is surely running when we interrupt.
+    long_trials = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0", "--pruner", "none"]
+    process = subprocess.Popen(tune_command(data, storage, "--trials", "3", *long_trials), env=subprocess_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_running_trial(storage, 1)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0
+
+    study = load(storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+    interrupted = mlflow.get_run(study.trials[1].user_attrs[RUN_ID_ATTR])
+    assert interrupted.info.status == "KILLED"
+    assert "interrupted (SIGINT)" in interrupted.data.tags["pipeline.failure"]
+
+    # The next run fills the interrupted trial's place: 3 trials with a result, plus the failed one.
+    resume = subprocess.run(tune_command(data, storage, "--trials", "3"), env=subprocess_env,
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    study = load(storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL] + [TrialState.COMPLETE] * 2
+    assert_one_finished_run_per_trial(study)
+
+
+@pytest.mark.slow
+def test_killed_worker_is_failed_by_its_missing_heartbeat(real_slice, subprocess_env, tmp_path):
+    """kill -9 leaves no chance to clean up: the next run notices the silent trial and closes it."""
+    _, data = real_slice
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = TuneConfig(trials=2, storage=storage, study_name="s", evaluate=False, heartbeat_interval=1,
+                     patience=0, pruner="none")
+    long_trials = SearchSpace(epochs_low=300, epochs_high=300)
+    script = ("import sys; from pipeline.tune import *; "
+              f"run_study({cfg!r}, {long_trials!r}, sys.argv[1])")
+    process = subprocess.Popen([sys.executable, "-c", script, str(data)], env=subprocess_env)
+    wait_for_running_trial(storage, 1)
+    process.kill()
+    process.wait()
+    time.sleep(2 * cfg.heartbeat_interval + 1)  # Optuna's grace period: two missed heartbeats
+
+    study = run_study(cfg, SMALL_SPACE, str(data))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    killed = mlflow.get_run(study.trials[1].user_attrs[RUN_ID_ATTR])
+    assert killed.info.status == "KILLED" and "heartbeats" in killed.data.tags["pipeline.failure"]
+    assert_one_finished_run_per_trial(study)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_workers_share_one_study(kind, real_slice, subprocess_env, tmp_path):
+    _, data = real_slice
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else str(tmp_path / "optuna.log")
+    result = subprocess.run(tune_command(data, storage, "--trials", "6", "--workers", "2"), env=subprocess_env,
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Traceback" not in output and "locked" not in output
+    study = load(storage)
+    assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
+    assert_one_finished_run_per_trial(study)
+    parents = {r.data.tags["mlflow.parentRunId"] for r in trial_runs("s")}
+    assert len(parents) == 1  # one parent run for the invocation, whichever process ran the trial
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two machines' worth of workers on one PostgreSQL database
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on loopback (Debian's postgresql package), torn down afterwards."""
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdb:
+        pytest.fail("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: run `.ci/run`, or "
+                    "`apt-get install postgresql`, to install them")
+    bin_dir = initdb[-1].parent
+    home = Path(tempfile.mkdtemp(prefix="pg-"))  # under /tmp: pytest's tmp_path is closed to other users
+    # The server refuses to run as root: then it runs as the postgres user, which must own its folder.
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(home, "postgres", "postgres")
+    port, data = free_port(), home / "data"
+
+    def pg(tool, *args):
+        subprocess.run([*as_postgres, str(bin_dir / tool), *args], check=True, capture_output=True)
+
+    pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+    pg("pg_ctl", "-D", str(data), "-l", str(home / "log"), "-w", "start",
+       "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off")
+    try:
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna")
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(home)
+
+
+@pytest.mark.slow
+def test_two_machines_share_one_study_on_postgres(postgres_url, real_slice, subprocess_env):
+    """The same command started twice at once, as on two machines: together they run the trials asked for."""
+    _, data = real_slice
+    command = tune_command(data, postgres_url, "--trials", "6")
+    processes = [subprocess.Popen(command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for _ in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in processes]
+    for p, output in zip(processes, outputs):
+        assert p.returncode == 0, output
+        assert "Traceback" not in output
+
+    study = load(postgres_url)
+    assert len(study.trials) == 6 and all(t.state.is_finished() for t in study.trials)
+    assert sum("recipe" in t.user_attrs for t in study.trials) == 1  # the seed trial was queued once
+    assert_one_finished_run_per_trial(study)
+    assert len({r.data.tags["mlflow.parentRunId"] for r in trial_runs("s")}) <= 2
