@@ -13,6 +13,7 @@
 """
 
 import gzip
+import math
 import tempfile
 import time
 import warnings
@@ -26,7 +27,7 @@ from torch.utils import data as tud
 from torchvision import datasets, transforms
 
 from bench.common import Result, median, timed
-from pipeline import steps
+from pipeline import steps, tracking
 from pipeline.config import DataConfig, TrainConfig
 from pipeline.data import locate_raw_files, prepare_splits
 from pipeline.model import build_model
@@ -89,19 +90,19 @@ def book_evaluate_accuracy(net, data_iter) -> float:
 
 def time_reference(root: Path, n_train: int, n_val: int, cfg: TrainConfig, epochs: int) -> dict:
     """Seconds per training pass and per whole epoch (train + validation) of the book's loop."""
-    train_iter, val_iter = book_loaders(root, n_train, n_val, cfg.batch_size)
-    # the book's 4 workers on a 2-core machine make torch warn on every epoch; that is the setting we measure
-    warnings.filterwarnings("ignore", message="This DataLoader will create")
     torch.manual_seed(cfg.seed)  # the DataLoader's shuffling draws from the global generator
     net = build_model(cfg.seed)
     loss = nn.CrossEntropyLoss(reduction="none")
     updater = torch.optim.SGD(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_s, epoch_s = [], []
-    for _ in range(epochs):
-        t_train, _ = timed(book_train_epoch, net, train_iter, loss, updater)
-        t_val, accuracy = timed(book_evaluate_accuracy, net, val_iter)
-        train_s.append(t_train)
-        epoch_s.append(t_train + t_val)
+    with warnings.catch_warnings():  # 4 workers on 2 cores make torch warn each epoch: it is the book's setting
+        warnings.filterwarnings("ignore", message="This DataLoader will create")
+        train_iter, val_iter = book_loaders(root, n_train, n_val, cfg.batch_size)
+        for _ in range(epochs):
+            t_train, _ = timed(book_train_epoch, net, train_iter, loss, updater)
+            t_val, accuracy = timed(book_evaluate_accuracy, net, val_iter)
+            train_s.append(t_train)
+            epoch_s.append(t_train + t_val)
     return {"train_s": train_s, "epoch_s": epoch_s, "val_accuracy": accuracy}
 
 
@@ -139,14 +140,18 @@ def time_untracked_epochs(tensors: Tensors, cfg: TrainConfig) -> list[float]:
     return clock.epoch_seconds()
 
 
-def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, store: Path) -> tuple[list[float], float]:
-    """Whole epochs of ``pipeline.steps.train`` in an MLflow run (sqlite store), and its per-run cost.
+def sqlite_experiment(store: Path) -> str:
+    """A fresh sqlite MLflow store with its artifacts beside it; the id of an experiment in it."""
+    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
+    return mlflow.create_experiment("bench-throughput", artifact_location=(store / "artifacts").as_uri())
+
+
+def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, experiment: str) -> tuple[list[float], float]:
+    """Whole epochs of ``pipeline.steps.train`` in an MLflow run, and its per-run cost.
 
     The per-run cost is what the step spends outside its epochs: params before, curves figure,
     model and summary after. A tuning study pays it once per trial.
     """
-    mlflow.set_tracking_uri(f"sqlite:///{store / 'mlflow.db'}")
-    experiment = mlflow.create_experiment("bench-throughput", artifact_location=(store / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment, run_name="bench-train"):
         clock = EpochClock()
         steps.train(cfg, splits, tensors, progress=False, on_epoch=clock)
@@ -155,6 +160,16 @@ def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, store: Path)
     before = clock.stamps[1] - clock.stamps[0] - median(epochs)  # the first gap less one typical epoch
     after = end - clock.stamps[-1]
     return epochs, before + after
+
+
+def time_log_epoch(experiment: str, repeats: int) -> dict:
+    """Seconds of one ``pipeline.tracking.log_epoch`` call: synchronous (as steps.train logs) and not."""
+    metrics = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.5, "val_accuracy": 0.8}
+    with mlflow.start_run(experiment_id=experiment, run_name="bench-log-epoch"):
+        sync = [timed(tracking.log_epoch, {"epoch": i, **metrics})[0] for i in range(repeats)]
+        background = [timed(tracking.log_epoch, {"epoch": repeats + i, **metrics}, synchronous=False)[0]
+                      for i in range(repeats)]
+    return {"synchronous": sync, "asynchronous": background}
 
 
 def time_compute_floor(tensors: Tensors, cfg: TrainConfig, repeats: int) -> list[float]:
@@ -187,7 +202,9 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
         floor = time_compute_floor(tensors, cfg, repeats=5 if quick else 15)
         train_pass = time_training_pass(tensors, cfg, cfg.epochs)
         untracked = time_untracked_epochs(tensors, cfg)
-        tracked, per_run_tracking = time_tracked_epochs(splits, tensors, cfg, tmp)
+        experiment = sqlite_experiment(tmp)
+        tracked, per_run_tracking = time_tracked_epochs(splits, tensors, cfg, experiment)
+        log_epoch = time_log_epoch(experiment, repeats=20)
         book = time_reference(torchvision_root(data_dir, tmp / "torchvision"), n_train, n_val, cfg, book_epochs)
 
     project_ips, book_ips = n_train / median(train_pass), n_train / median(book["train_s"])
@@ -203,6 +220,9 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
         "epoch_time_ratio_x": median(book["epoch_s"]) / epoch_off,
         "tracking_cost_per_epoch_pct": 100 * tracking_cost,
         "tracking_cost_per_run_s": per_run_tracking,
+        # the same cost timed directly: one log_epoch call, as steps.train makes it and asynchronously
+        "log_epoch_sync_ms": 1000 * median(log_epoch["synchronous"]),
+        "log_epoch_async_ms": 1000 * median(log_epoch["asynchronous"]),
         "book_epochs_timed": len(book["epoch_s"]), "project_epochs_timed": len(untracked),
     }, note=(
         f"medians over epochs; both sides train on {n_train:,} images and validate on {n_val:,} "
@@ -213,12 +233,16 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
     throughput.check("tracking", 100 * tracking_cost, 5, False, "MLflow tracking < 5% of epoch time")
 
     floor_s = median(floor)
+    batches = math.ceil(n_train / cfg.batch_size)
     compute_floor = Result("compute_floor", quick=quick, metrics={
         "full_batch_forward_backward_s": floor_s,
         "project_training_pass_s": median(train_pass),
         "project_epoch_untracked_s": epoch_off,
         "training_pass_over_floor_x": median(train_pass) / floor_s,
         "epoch_over_floor_x": epoch_off / floor_s,
+        "batches_per_epoch": batches,
+        # what minibatching adds to the same arithmetic, per batch: gather, optimiser step, op dispatch
+        "overhead_per_batch_ms": 1000 * (median(train_pass) - floor_s) / batches,
     }, note=f"floor: one forward+backward of all {n_train:,} training images at once, median of {len(floor)}")
     compute_floor.check("floor", epoch_off / floor_s, 1.5, False, "project epoch <= 1.5x the floor")
     return [throughput, compute_floor]

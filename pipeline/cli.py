@@ -5,13 +5,12 @@ flow into the steps. Every MLproject entry point calls one of these commands.
 """
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import click
 import mlflow
 import numpy as np
-
-import sys
-from pathlib import Path
 
 from pipeline import steps, tracking
 from pipeline.config import DataConfig, TrainConfig
@@ -117,10 +116,10 @@ def evaluate(model_uri, data):
     """Evaluate a logged model on the untouched test split."""
     from pipeline.evaluate import evaluate_step, load_model
 
-    load_model(model_uri)  # a bad URI fails here, before a run is opened
+    model = load_model(model_uri)  # a bad URI fails here, before a run is opened
     with mlflow.start_run(run_name="evaluate"):
         tracking.log_new_params({"model_uri": model_uri, "data": data})
-        result = evaluate_step(model_uri, steps.load_data(data))
+        result = evaluate_step(model_uri, steps.load_data(data), model)
     click.echo(f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}")
     click.echo(result["per_class"].to_string(index=False, float_format="%.3f"))
 
@@ -130,8 +129,8 @@ def evaluate(model_uri, data):
 @train_options
 @click.option("--trials", type=click.IntRange(min=0), default=20, show_default=True,
               help="Optuna trials; 0 = train the seed recipe (the train options) instead of a study.")
-@click.option("--study-name", default=None, help="Optuna study to create or resume (tune's default if unset).")
-@click.option("--storage", default=None, help="Optuna storage URL (tune's default if unset).")
+@click.option("--study-name", default="", help="Optuna study to create or resume; default: one per prepared split.")
+@click.option("--storage", default="sqlite:///optuna.db", show_default=True, help="Optuna storage URL.")
 @click.option("--force", type=bool, default=False, show_default=True,
               help="Re-run every step even if an identical finished run exists.")
 def main(trials, study_name, storage, force, **options):
@@ -139,7 +138,8 @@ def main(trials, study_name, storage, force, **options):
     from pipeline.workflow import MainConfig, run_main
 
     data_cfg, train_cfg = make_config(DataConfig, options), make_config(TrainConfig, options)
-    tune = {k: v for k, v in (("study_name", study_name), ("storage", storage)) if v is not None}
+    tune = {"storage": storage, "seed": train_cfg.seed, "patience": train_cfg.patience,
+            "batch_size": train_cfg.batch_size, **({"study_name": study_name} if study_name else {})}
     cfg = MainConfig(prepare={k: "" if v is None else v for k, v in dataclasses.asdict(data_cfg).items()},
                      train=train_cfg.as_params(), tune=tune, trials=trials, force=force)
     with mlflow.start_run(run_name="main"):

@@ -182,7 +182,7 @@ class Splits:
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / PREPARED_FILE
-        tmp = directory / (PREPARED_FILE + ".tmp.npz")
+        tmp = directory / f"{PREPARED_FILE}.{os.getpid()}.tmp.npz"  # per process: workers may race
         np.savez(tmp, **self.__dict__)  # uncompressed uint8: 55 MB, loads in a blink
         tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
         return path

@@ -89,12 +89,13 @@ def confident_mistakes_figure(images, y_true, probs: np.ndarray, count: int = 16
     return fig
 
 
-def evaluate_step(model_uri: str, splits: Splits) -> dict:
+def evaluate_step(model_uri: str, splits: Splits, model: torch.nn.Module | None = None) -> dict:
     """Evaluate ``model_uri`` on the test split and log metrics, table and figures to the active run.
 
     The metrics are also linked to the logged model, so the MLflow UI shows test accuracy beside it.
+    ``model`` is the loaded model when the caller already has it.
     """
-    model = load_model(model_uri)
+    model = model if model is not None else load_model(model_uri)
     logits = predict_logits(model, splits.test_x)
     labels = torch.from_numpy(splits.test_y)
     probs = F.softmax(logits, dim=1).numpy()

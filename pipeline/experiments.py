@@ -91,13 +91,18 @@ def tune_classes() -> tuple:
     return TuneConfig, SearchSpace
 
 
-def entry_point_fields(entry_point: str) -> dict[str, type]:
-    """The keys an entry point accepts in ``params``/``grid`` (train, stability) or ``study`` (tune)."""
-    classes = {"train": (TrainConfig,), "stability": (StabilityConfig,)}.get(entry_point) or tune_classes()
-    return {f.name: f.type for cls in classes for f in dataclasses.fields(cls)}
-
-
 ENTRY_POINTS = ("train", "stability", "tune")
+
+
+def entry_point_configs(entry_point: str) -> tuple:
+    """The config dataclasses whose fields an entry point's params/grid (tune: study) may set."""
+    if entry_point == "tune":
+        return tune_classes()
+    return ({"train": TrainConfig, "stability": StabilityConfig}[entry_point],)
+
+
+def entry_point_fields(entry_point: str) -> dict[str, type]:
+    return {f.name: f.type for cls in entry_point_configs(entry_point) for f in dataclasses.fields(cls)}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,7 +265,7 @@ def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProble
                       "params and grid")
     params = typed_mapping(top["params"][1], fields, problem, "params") if "params" in top else {}
     points = grid_points(top["grid"][1], fields, problem) if "grid" in top else [({}, None)]
-    cls = StabilityConfig if spec.entry_point == "stability" else TrainConfig
+    (cls,) = entry_point_configs(spec.entry_point)
     params_nodes = top.get("params") or top["entry_point"]  # (key, value) where params problems point
     for point, node in points:
         both = set(point) & set(params)
@@ -342,9 +347,8 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     limits = [n for n in (spec.data.limit, caps.limit) if n]  # 0 means "all images" in both
     data_cfg = dataclasses.replace(spec.data, limit=min(limits, default=0))
     splits, prepared_path, info = prepare_splits(data_cfg)
-    with mlflow.start_run(experiment_id=exp_id, run_name=f"{Path(spec.path).stem}",
-                          tags={ROLE_TAG: "experiment", FILE_TAG: spec.path,
-                                "pipeline.smoke": caps.active}) as parent:
+    with mlflow.start_run(experiment_id=exp_id, run_name=Path(spec.path).stem, description=spec.description,
+                          tags={ROLE_TAG: "experiment", FILE_TAG: spec.path, "pipeline.smoke": caps.active}) as parent:
         mlflow.log_artifact(spec.path)
         tracking.log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point,
                                  "runs": len(spec.grid) or 1, **{f"cap_{k}": v for k, v in
@@ -375,7 +379,7 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
                 tracking.log_datasets(splits, source)
                 if spec.entry_point == "stability":
                     cfg = capped(StabilityConfig(**spec.params, **point), caps,
-                                     fit_epochs=caps.max_epochs, steps=caps.max_steps)
+                                 fit_epochs=caps.max_epochs, steps=caps.max_steps)
                     run_stability(cfg, splits, tensors)
                 else:
                     cfg = capped(TrainConfig(**spec.params, **point), caps, epochs=caps.max_epochs)

@@ -66,8 +66,9 @@ def metric(runs: pd.DataFrame, name: str) -> pd.Series:
 def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFrame, dict]:
     """One row per run, best val accuracy first; returns the table and the parameters all runs share."""
     params = [p for p in KEY_PARAMS if f"params.{p}" in runs]
-    varying = [p for p in params if runs[f"params.{p}"].nunique(dropna=False) > 1]
-    common = {p: runs[f"params.{p}"].iloc[0] for p in params if p not in varying}
+    # A run that lacks a parameter (a tune parent run has no lr of its own) does not make it vary.
+    varying = [p for p in params if runs[f"params.{p}"].nunique() > 1]
+    common = {p: runs[f"params.{p}"].dropna().iloc[0] for p in params if p not in varying}
     # A tune run logs its best trial's test accuracy as best_test_accuracy instead of an evaluation.
     evaluated = pd.Series([c["evaluated_test_accuracy"] for c in run_curves], index=runs.index, dtype=float)
     table = pd.DataFrame({
@@ -86,15 +87,23 @@ def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFram
     return table.reset_index(drop=True), common
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub markdown table (pandas' own needs the extra ``tabulate`` package)."""
-    def cell(value) -> str:
-        if pd.isna(value):
-            return ""
-        return f"{value:.4f}" if isinstance(value, float) else str(value)
+def cell(value, column: str) -> str:
+    """Accuracies to 4 decimals, seconds to 1, parameters (logged as text) to 4 significant digits."""
+    if pd.isna(value):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.1f}" if column == "duration_s" else f"{value:.4f}"
+    try:
+        return f"{float(value):.4g}" if column in KEY_PARAMS and "." in value else str(value)
+    except (TypeError, ValueError):
+        return str(value)
 
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub markdown table (pandas' own needs the extra ``tabulate`` package); the CSV keeps full precision."""
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    lines += ["| " + " | ".join(cell(v, c) for v, c in zip(row, table.columns)) + " |"
+              for row in table.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -121,9 +130,9 @@ def curves_figure(table: pd.DataFrame, run_curves: dict[str, dict], title: str) 
 
 
 def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict) -> str:
-    shown = table.drop(columns="run_id").assign(duration_s=table["duration_s"].round(1))
+    shown = table.drop(columns="run_id")
     lines = [f"# Report: {experiment_name}", "",
-             f"{len(table)} runs in {mlflow.get_tracking_uri()}, generated "
+             f"{len(table)} run{'' if len(table) == 1 else 's'} in {mlflow.get_tracking_uri()}, generated "
              f"{datetime.datetime.now().isoformat(timespec='seconds')}.", ""]
     if common:
         lines += ["Parameters shared by all runs: " + ", ".join(f"{k}={v}" for k, v in common.items()), ""]

@@ -144,13 +144,13 @@ def first_step(losses: pd.Series, steps: pd.Series, bad) -> int | None:
 # Figures and the whole experiment
 
 
-def mark_nonfinite(ax, x, values: pd.Series, label: str) -> None:
+def mark_nonfinite(ax, x, values: pd.Series, label: str, style: str = "o-", cross_size: float = 10) -> None:
     """Plot the finite values as a line and each inf/NaN as a red cross on the top edge of the axes."""
     finite = values.map(math.isfinite)
-    ax.plot(x[finite], values[finite], "o-", label=label)
+    ax.plot(x[finite], values[finite], style, color="tab:orange", label=label)
     if (~finite).any():
         top = ax.get_ylim()[1]
-        ax.plot(x[~finite], [top] * int((~finite).sum()), "rx", markersize=10, clip_on=False,
+        ax.plot(x[~finite], [top] * int((~finite).sum()), "rx", markersize=cross_size, clip_on=False,
                 label=f"{label}: inf / NaN")
 
 
@@ -172,7 +172,7 @@ def loss_vs_scale_figure(sweep: pd.DataFrame) -> plt.Figure:
 def training_loss_figure(race: pd.DataFrame, lr: float, first_nan: int | None) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     ax.plot(race["step"], race["stable_loss"], label="stable (log-sum-exp)")
-    mark_nonfinite(ax, race["step"], race["naive_loss"], "naive (softmax, then log)")
+    mark_nonfinite(ax, race["step"], race["naive_loss"], "naive (softmax, then log)", style="-", cross_size=4)
     if first_nan is not None:
         ax.axvline(first_nan, color="red", linestyle=":", label=f"first NaN: step {first_nan}")
     ax.set_yscale("log")
@@ -180,7 +180,7 @@ def training_loss_figure(race: pd.DataFrame, lr: float, first_nan: int | None) -
     ax.set_ylabel("training loss (batch)")
     ax.set_title(f"training with lr {lr:g}")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
     return fig
 

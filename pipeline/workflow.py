@@ -97,7 +97,9 @@ def run_main(cfg: MainConfig) -> dict:
     prepare = run_step("prepare", step_parameters("prepare", cfg.prepare), cfg.force)
     data_uri = f"runs:/{prepare.info.run_id}/{PREPARED_ARTIFACT}"
     if cfg.trials > 0:
-        overrides = {**cfg.tune, "data": data_uri, "trials": cfg.trials, "evaluate": False}
+        # one study per prepared split by default: trials on other data must not mix into it
+        overrides = {"study_name": f"main-{prepare.info.run_id}", **cfg.tune,
+                     "data": data_uri, "trials": cfg.trials, "evaluate": False}
         model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
         model_uri = model_run.data.tags.get("pipeline.best_model_uri")
     else:

@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.experiments import (
-    ROLE_TAG, SMOKE, SMOKE_SUFFIX, Caps, ExperimentSpec, load_spec, run_experiment,
+    ROLE_TAG, SMOKE, SMOKE_SUFFIX, Caps, load_spec, run_experiment,
 )
 from tests.conftest import REPO
 
@@ -179,15 +179,10 @@ def test_a_diverging_point_fails_alone_and_the_others_are_kept(tmp_path, mlflow_
 
 
 @pytest.mark.slow
-def test_cli_and_mlflow_run_entry_point(subprocess_env, mlflow_store, real_data_dir):
-    """The command and the MLproject entry point, as real processes, then the report command."""
+def test_mlflow_run_entry_point_and_report_command(subprocess_env, mlflow_store, real_data_dir):
+    """The MLproject entry point (which calls the experiment command) and the report command, as processes."""
     # Every process runs in the test's temporary folder (the fixtures chdir there): nothing lands in the repo.
     seed_file = str(REPO / "experiments/seed_baseline.yaml")
-    cli = subprocess.run([sys.executable, "-m", "pipeline", "experiment", seed_file, "--smoke", "true"],
-                         env=subprocess_env, capture_output=True, text=True)
-    assert cli.returncode == 0, cli.stderr
-    assert "1 run(s) in experiment 'seed_baseline-smoke'" in cli.stdout
-
     project = subprocess.run(
         [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "-e", "experiment", "--env-manager", "local",
          "--experiment-name", "seed_baseline-smoke", "-P", f"file={seed_file}", "-P", "smoke=true"],
@@ -195,21 +190,19 @@ def test_cli_and_mlflow_run_entry_point(subprocess_env, mlflow_store, real_data_
     assert project.returncode == 0, project.stderr[-3000:]
     experiment = mlflow.get_experiment_by_name("seed_baseline-smoke")
     parents = MlflowClient().search_runs([experiment.experiment_id], f"tags.`{ROLE_TAG}` = 'experiment'")
-    assert len(parents) == 2
-    via_project = [p for p in parents if "mlflow.project.entryPoint" in p.data.tags]
-    assert len(via_project) == 1 and via_project[0].info.status == "FINISHED"
-    assert len(children(via_project[0].info.run_id, "seed_baseline-smoke")) == 1
+    # the run `mlflow run` created became the parent (not a second, empty one)
+    (parent,) = parents
+    assert parent.data.tags["mlflow.project.entryPoint"] == "experiment" and parent.info.status == "FINISHED"
+    (child,) = children(parent.info.run_id, "seed_baseline-smoke")
+    assert child.info.status == "FINISHED" and "test_accuracy" in child.data.metrics
 
     report = subprocess.run([sys.executable, "-m", "pipeline", "report", "seed_baseline-smoke", "--out", "out"],
                             env=subprocess_env, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
-    assert report.stdout.count("| seed_baseline |") == 2  # one row per run, the parents left out
+    assert report.stdout.count("| seed_baseline |") == 1  # the training run; its parent is left out
+    assert (Path("out") / "seed_baseline-smoke" / "leaderboard.csv").is_file()
 
     missing = subprocess.run([sys.executable, "-m", "pipeline", "report", "no-such-experiment"],
                              env=subprocess_env, capture_output=True, text=True)
     assert missing.returncode != 0 and "no MLflow experiment named 'no-such-experiment'" in missing.stderr
 
-
-def test_spec_is_a_plain_dataclass():
-    spec = ExperimentSpec(path="x.yaml", name="x", entry_point="train")
-    assert spec.grid == [{}] and spec.data.limit == 0

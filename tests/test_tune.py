@@ -26,7 +26,8 @@ from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.registry import CHAMPION, MODEL_NAME
 from pipeline.tune import (BEST_MODEL_TAG, FAIL_REASON_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR, STATE_TAG, STUDY_TAG,
-                           TRIAL_TAG, SearchSpace, TuneConfig, open_storage, run_study)
+                           TRIAL_TAG, SearchSpace, TuneConfig, make_pruner, make_sampler, open_storage,
+                           run_study)
 
 SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
 
@@ -90,6 +91,19 @@ def test_bad_tune_config_is_rejected(cfg, message):
 def test_defaults_are_valid():
     SearchSpace().validate()
     TuneConfig().validate()
+
+
+@pytest.mark.parametrize("name, cls", [("tpe", optuna.samplers.TPESampler), ("random", optuna.samplers.RandomSampler),
+                                       ("gp", optuna.samplers.GPSampler)])
+def test_samplers(name, cls):
+    assert isinstance(make_sampler(name, seed=0), cls)
+
+
+@pytest.mark.parametrize("name, cls", [("median", optuna.pruners.MedianPruner),
+                                       ("hyperband", optuna.pruners.HyperbandPruner),
+                                       ("none", optuna.pruners.NopPruner)])
+def test_pruners(name, cls):
+    assert isinstance(make_pruner(name, SearchSpace()), cls)
 
 
 @pytest.mark.parametrize("bad", [["--lr-low", "1", "--lr-high", "0.01"], ["--wd-low", "0"], ["--trials", "0"]])
