@@ -138,8 +138,9 @@ def main(trials, study_name, storage, force, **options):
     from pipeline.workflow import MainConfig, run_main
 
     data_cfg, train_cfg = make_config(DataConfig, options), make_config(TrainConfig, options)
-    tune = {"storage": storage, "seed": train_cfg.seed, "patience": train_cfg.patience,
-            "batch_size": train_cfg.batch_size, **({"study_name": study_name} if study_name else {})}
+    # the study keeps its own patience (see TuneConfig): SGD's noisy val accuracy needs a longer one
+    tune = {"storage": storage, "seed": train_cfg.seed, "batch_size": train_cfg.batch_size,
+            **({"study_name": study_name} if study_name else {})}
     cfg = MainConfig(prepare={k: "" if v is None else v for k, v in dataclasses.asdict(data_cfg).items()},
                      train=train_cfg.as_params(), tune=tune, trials=trials, force=force)
     with mlflow.start_run(run_name="main"):

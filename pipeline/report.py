@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from pipeline import plots  # noqa: F401 (selects matplotlib's headless backend)
 from pipeline.errors import PipelineError
 from pipeline.experiments import ROLE_TAG
+from pipeline.tune import STATE_TAG  # Optuna's state of a trial run: COMPLETE, PRUNED, FAIL
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
 EVALUATION_STEP = 0  # evaluate_step logs without a step; the test curve's steps are the epochs 1..N
@@ -63,6 +64,12 @@ def metric(runs: pd.DataFrame, name: str) -> pd.Series:
     return runs.get(f"metrics.{name}", pd.Series(float("nan"), index=runs.index))
 
 
+def run_status(runs: pd.DataFrame) -> pd.Series:
+    """MLflow's status, with Optuna's trial state where the run is a trial ("FINISHED (PRUNED)")."""
+    state = runs.get(f"tags.{STATE_TAG}", pd.Series(None, index=runs.index, dtype=object))
+    return runs["status"] + state.map(lambda s: f" ({s})" if isinstance(s, str) else "")
+
+
 def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFrame, dict]:
     """One row per run, best val accuracy first; returns the table and the parameters all runs share."""
     params = [p for p in KEY_PARAMS if f"params.{p}" in runs]
@@ -81,7 +88,7 @@ def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFram
         "best_epoch": metric(runs, "best_epoch").astype("Int64"),
         "epochs_run": metric(runs, "epochs_run").astype("Int64"),
         "duration_s": (runs["end_time"] - runs["start_time"]).dt.total_seconds(),
-        "status": runs["status"],
+        "status": run_status(runs),
     })
     table = table.sort_values("best_val_accuracy", ascending=False, na_position="last", kind="stable")
     return table.reset_index(drop=True), common
@@ -110,16 +117,16 @@ def to_markdown(table: pd.DataFrame) -> str:
 def curves_figure(table: pd.DataFrame, run_curves: dict[str, dict], title: str) -> plt.Figure:
     """Validation accuracy of every run (solid) and, where logged, its test accuracy (dotted, same colour)."""
     fig, ax = plt.subplots(figsize=(10, 5.5))
-    for run_id, name in zip(table["run_id"], table["run"]):
+    colours = plt.get_cmap("tab20" if len(table) > 10 else "tab10").colors  # distinct colours for up to 20 runs
+    for i, (run_id, name) in enumerate(zip(table["run_id"], table["run"])):
         c = run_curves[run_id]
-        if not c["val"]:
-            continue
-        (line,) = ax.plot(*zip(*c["val"]), label=f"{name} (val)", linewidth=1.2)
+        if c["val"]:
+            ax.plot(*zip(*c["val"]), color=colours[i % len(colours)], label=name, linewidth=1.2)
         if c["test"]:
-            ax.plot(*zip(*c["test"]), ":", color=line.get_color(), label=f"{name} (test)", linewidth=1.2)
+            ax.plot(*zip(*c["test"]), ":", color=colours[i % len(colours)], linewidth=1.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
-    ax.set_title(title)
+    ax.set_title(f"{title}\nsolid: validation accuracy, dotted: test accuracy (where the run logged it)")
     ax.grid(True, alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)

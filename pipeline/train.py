@@ -80,7 +80,7 @@ def train_epoch(model, x, y, optimizer, cfg: TrainConfig, generator, augment=Non
     total_loss = torch.zeros(())
     correct = torch.zeros((), dtype=torch.long)
     for idx in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
-        xb, yb = x[idx], y[idx]
+        xb, yb = x.index_select(0, idx), y.index_select(0, idx)  # = x[idx], about twice as fast
         if augment is not None:
             xb = augment(xb)
         if cfg.input_dropout:
@@ -103,6 +103,9 @@ def fit(model: nn.Module, data: Tensors, cfg: TrainConfig,
     may raise to stop training.
     """
     cfg.validate()
+    # A 784x10 layer on batches of 256 is ~20 tiny ops per step: extra threads only add overhead, and
+    # on a busy machine (parallel Optuna workers, tests) they made training several times slower.
+    torch.set_num_threads(1)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
     augment = batch_augmentation() if cfg.augment else None

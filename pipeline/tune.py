@@ -18,8 +18,10 @@ so that parameter importances and the parallel-coordinate plot see them in every
 """
 
 import contextlib
+import importlib.util
 import multiprocessing
 import signal
+import time
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -27,6 +29,7 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import optuna
+import sqlalchemy.exc
 import torch
 from mlflow import MlflowClient
 from optuna.storages import JournalStorage, RDBStorage
@@ -95,7 +98,9 @@ class TuneConfig:
     sampler: str = "tpe"
     pruner: str = "median"
     seed: int = 0  # seeds the sampler and every trial's training
-    patience: int = 5  # early stopping inside each trial
+    # Early stopping inside each trial. Longer than training's 5: SGD's val accuracy is noisy, and with
+    # 5 the good trials stopped near epoch 20 while val accuracy still climbed until about epoch 70.
+    patience: int = 15
     batch_size: int = 256
     evaluate: bool = True  # evaluate the best model on test and register it
     heartbeat_interval: int = 10  # seconds; SQL storages only: a trial silent for 2 intervals is failed
@@ -172,7 +177,7 @@ def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
 
 
 def is_journal(url: str) -> bool:
-    return url.startswith(JOURNAL_SCHEME) or url.endswith(JOURNAL_SUFFIXES)
+    return url.startswith(JOURNAL_SCHEME) or ("://" not in url and url.endswith(JOURNAL_SUFFIXES))
 
 
 def printable_url(url: str) -> str:
@@ -195,21 +200,40 @@ def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> Non
         client.set_terminated(run_id, status="KILLED")
 
 
+def with_installed_driver(url: str) -> str:
+    """SQLAlchemy 2.1 reads a bare postgresql:// as the psycopg 3 driver; the project installs psycopg2."""
+    if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None:
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
+def open_database_storage(cfg: TuneConfig, attempts: int = 3) -> RDBStorage:
+    # A sqlite writer waits up to a minute for another's lock instead of failing "database is
+    # locked"; other databases get a connection check so that a dropped connection is reopened.
+    is_sqlite = cfg.storage.startswith("sqlite")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
+    for attempt in range(1, attempts + 1):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return RDBStorage(with_installed_driver(cfg.storage), engine_kwargs=engine_kwargs,
+                                  heartbeat_interval=cfg.heartbeat_interval,
+                                  heartbeat_stale_trial_callback=close_stale_run)
+        # Workers that open a new database at the same moment all create Optuna's tables, and the
+        # losers fail on a duplicate table or key. The tables exist by then: opening again works.
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
+            if attempt == attempts:
+                raise
+            time.sleep(attempt)
+
+
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
     """A journal file, or a database through SQLAlchemy (sqlite, PostgreSQL, MySQL...)."""
     try:
         if is_journal(cfg.storage):
             path = cfg.storage.removeprefix(JOURNAL_SCHEME)
             return JournalStorage(JournalFileBackend(path))
-        # A sqlite writer waits up to a minute for another's lock instead of failing "database is
-        # locked"; other databases get a connection check so that a dropped connection is reopened.
-        is_sqlite = cfg.storage.startswith("sqlite")
-        engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(cfg.storage, engine_kwargs=engine_kwargs,
-                              heartbeat_interval=cfg.heartbeat_interval,
-                              heartbeat_stale_trial_callback=close_stale_run)
+        return open_database_storage(cfg)
     except Exception as e:
         raise PipelineError(
             f"cannot open the Optuna storage {printable_url(cfg.storage)} ({type(e).__name__}: {e}); "
@@ -261,9 +285,9 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
     run = mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=parent.experiment_id,
                            parent_run_id=parent.run_id, nested=True,
                            tags={STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number)})
-    trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
     state, status = TrialState.FAIL, "FAILED"
     try:
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         result, model_info = steps.train(train_cfg, splits, tensors=tensors, progress=False,
                                          on_epoch=report_to(trial))
         trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
@@ -399,8 +423,9 @@ FIGURES = {
 def log_figures(study: optuna.Study) -> None:
     """Optuna's matplotlib figures as PNGs under study/; a figure the study cannot make yet is skipped."""
     for name, plot in FIGURES.items():
-        with warnings.catch_warnings():
+        with warnings.catch_warnings():  # experimental API; axis-limit notes for studies of few trials
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.simplefilter("ignore", UserWarning)
             try:
                 axes = plot(study)
             except (ValueError, RuntimeError) as e:  # e.g. importances need two finished trials

@@ -53,6 +53,17 @@ def step_parameters(entry_point: str, overrides: dict) -> dict[str, str]:
     return params
 
 
+def absolute_sqlite_url(url: str) -> str:
+    """sqlite:///optuna.db -> sqlite:////abs/optuna.db, relative to where main was started.
+
+    Steps run in the project folder, so a relative path would otherwise point there instead.
+    """
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url
+
+
 def find_finished_run(experiment_id: str, entry_point: str, params: dict, version: str) -> Run | None:
     """The newest finished run of ``entry_point`` with exactly these parameters and code version."""
     runs = MlflowClient().search_runs(
@@ -100,6 +111,8 @@ def run_main(cfg: MainConfig) -> dict:
         # one study per prepared split by default: trials on other data must not mix into it
         overrides = {"study_name": f"main-{prepare.info.run_id}", **cfg.tune,
                      "data": data_uri, "trials": cfg.trials, "evaluate": False}
+        if "storage" in overrides:
+            overrides["storage"] = absolute_sqlite_url(overrides["storage"])
         model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
         model_uri = model_run.data.tags.get("pipeline.best_model_uri")
     else:
