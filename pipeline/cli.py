@@ -2,6 +2,9 @@
 
 Options become typed config objects (``pipeline.config``) here, are checked before anything runs, and
 flow into the steps. Every MLproject entry point calls one of these commands.
+
+The modules that need PyTorch are imported inside the commands that use them: ``main`` only launches
+the other steps, and without torch in it (about 500 MB resident) the whole pipeline stays small.
 """
 
 import dataclasses
@@ -12,10 +15,8 @@ import click
 import mlflow
 import numpy as np
 
-from pipeline import steps, tracking
-from pipeline.config import DataConfig, TrainConfig
+from pipeline.config import PRUNERS, SAMPLERS, DataConfig, SearchSpace, TrainConfig, TuneConfig
 from pipeline.errors import PipelineError
-from pipeline.tune import PRUNERS, SAMPLERS, SearchSpace, TuneConfig, describe, run_study
 
 
 def make_config(cls, options: dict):
@@ -86,6 +87,8 @@ def locate_data(data_dir):
 @data_options
 def prepare(**options):
     """Find, validate and split the data; log it to MLflow."""
+    from pipeline import steps
+
     cfg = make_config(DataConfig, options)
     with mlflow.start_run(run_name="prepare") as run:
         splits = steps.prepare(cfg)
@@ -99,6 +102,8 @@ def prepare(**options):
               "empty = prepare the default split in this run.")
 def train(data, **options):
     """Train the softmax regression and log curves and the model."""
+    from pipeline import steps, tracking
+
     cfg = make_config(TrainConfig, options)
     with mlflow.start_run(run_name="train") as run:
         tracking.log_new_params({"data": data})
@@ -114,6 +119,7 @@ def train(data, **options):
 @click.option("--data", default="", help="Prepared data URI (runs:/<id>/prepared); empty = default split.")
 def evaluate(model_uri, data):
     """Evaluate a logged model on the untouched test split."""
+    from pipeline import steps, tracking
     from pipeline.evaluate import evaluate_step, load_model
 
     model = load_model(model_uri)  # a bad URI fails here, before a run is opened
@@ -158,6 +164,7 @@ def predict(model_uri, images, test_count, data):
     """Print the most likely classes for image files (PNG/JPEG) or test images."""
     from pipeline.config import CLASS_NAMES
     from pipeline.evaluate import load_model
+    from pipeline import steps
     from pipeline.predict import image_to_array, top_k
 
     if not images and not test_count:
@@ -226,6 +233,8 @@ def tune_options(f):
               "empty = prepare the default split in this run.")
 def tune(data, **options):
     """Search lr, epochs and weight decay with Optuna; evaluate and register the best model."""
+    from pipeline.tune import describe, run_study
+
     space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options)
     with mlflow.start_run(run_name=f"tune {cfg.study_name}"):
         study = run_study(cfg, space, data)

@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from pipeline import plots
+from pipeline import plots  # noqa: F401 (selects matplotlib's headless backend)
 from pipeline.config import CLASS_NAMES, NUM_CLASSES
 from pipeline.data import Splits, to_tensor
 from pipeline.errors import PipelineError

@@ -39,7 +39,7 @@ from mlflow import MlflowClient
 from yaml.constructor import SafeConstructor
 
 from pipeline import steps, tracking
-from pipeline.config import DataConfig, TrainConfig
+from pipeline.config import DataConfig, SearchSpace, TrainConfig, TuneConfig
 from pipeline.data import prepare_splits
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_step
@@ -85,9 +85,6 @@ class ExperimentSpec:
 
 
 def tune_classes() -> tuple:
-    # Imported when needed: the tune module pulls in Optuna and its plotting.
-    from pipeline.tune import SearchSpace, TuneConfig
-
     return TuneConfig, SearchSpace
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import plots, tracking
-from pipeline.config import DataConfig, TrainConfig
+from pipeline.config import MODEL_URI_TAG, PREPARED_ARTIFACT, DataConfig, TrainConfig
 from pipeline.data import SPLITS, Splits, prepare_splits
 from pipeline.model import build_model
 from pipeline.train import DivergedError, FitResult, Tensors, fit
@@ -23,7 +23,7 @@ def prepare(cfg: DataConfig) -> Splits:
     tracking.log_new_params(asdict(cfg))
     tracking.log_new_params({"source": info["source"], **{f"{s}_size": len(splits.arrays(s)[1]) for s in SPLITS}})
     mlflow.set_tags({"pipeline.cache_key": info["cache_key"], "pipeline.cache_reused": info["reused"]})
-    mlflow.log_artifact(str(path), artifact_path=tracking.PREPARED_ARTIFACT)
+    mlflow.log_artifact(str(path), artifact_path=PREPARED_ARTIFACT)
     tracking.log_datasets(splits, info["source"])
     counts = pd.DataFrame({s: splits.class_counts(s) for s in SPLITS}).rename_axis("class").reset_index()
     mlflow.log_table(counts, artifact_file="class_counts.json")
@@ -74,5 +74,5 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)
-    mlflow.set_tags({"pipeline.stopped_early": result.stopped_early, tracking.MODEL_URI_TAG: model_info.model_uri})
+    mlflow.set_tags({"pipeline.stopped_early": result.stopped_early, MODEL_URI_TAG: model_info.model_uri})
     return result, model_info

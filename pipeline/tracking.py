@@ -5,8 +5,6 @@ MLflow's defaults are used throughout (tracking store ``sqlite:///mlflow.db``, a
 """
 
 import functools
-import hashlib
-import subprocess
 import tempfile
 import warnings
 from importlib.metadata import version
@@ -21,8 +19,6 @@ from pipeline.data import SPLITS, Splits, array_digest, to_tensor
 from pipeline.errors import PipelineError
 
 MODEL_ARTIFACT = "model"
-PREPARED_ARTIFACT = "prepared"
-MODEL_URI_TAG = "pipeline.model_uri"  # the model a train run produced (models:/<model_id>)
 DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
@@ -79,31 +75,6 @@ def fetch_prepared(data_uri: str) -> Splits:
             "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
         )
     return Splits.load(Path(local))
-
-
-def code_version() -> str:
-    """The git commit, with a hash of uncommitted changes when the tree is dirty.
-
-    Two runs with the same code version ran the same code, which is what makes reusing a finished
-    step safe. Outside a git checkout, a hash of the package's source files stands in.
-    """
-    root = Path(__file__).resolve().parent.parent
-    try:
-        git = functools.partial(subprocess.run, cwd=root, capture_output=True, check=True)
-        commit = git(["git", "rev-parse", "HEAD"]).stdout.decode().strip()
-        changes = git(["git", "diff", "HEAD"]).stdout  # edits to tracked files
-        untracked = git(["git", "ls-files", "--others", "--exclude-standard", "-z"]).stdout.split(b"\0")
-        if not changes and not any(untracked):
-            return commit
-        h = hashlib.sha256(changes)
-        for name in filter(None, untracked):  # new files not yet committed count as changes too
-            h.update(name + b"\0" + (root / name.decode()).read_bytes())
-        return f"{commit}-dirty-{h.hexdigest()[:12]}"
-    except (OSError, subprocess.CalledProcessError):
-        h = hashlib.sha256()
-        for path in sorted((root / "pipeline").glob("*.py")):
-            h.update(path.read_bytes())
-        return f"nogit-{h.hexdigest()[:12]}"
 
 
 def log_new_params(params: dict) -> None:

@@ -23,7 +23,7 @@ import multiprocessing
 import signal
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import matplotlib.pyplot as plt
 import mlflow
@@ -38,18 +38,12 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from pipeline import steps, tracking
-from pipeline.config import TrainConfig
+from pipeline.config import JOURNAL_SCHEME, SearchSpace, TrainConfig, TuneConfig, is_journal
 from pipeline.data import Splits
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate_step
 from pipeline.registry import promote_if_better
 from pipeline.train import DivergedError, Tensors
-
-SAMPLERS = ("tpe", "random", "gp")
-PRUNERS = ("median", "hyperband", "none")
-DEFAULT_STORAGE = "sqlite:///optuna.db"
-JOURNAL_SCHEME = "journal:///"  # like sqlite:///: journal:///optuna.log is relative, journal:////tmp/x.log absolute
-JOURNAL_SUFFIXES = (".log", ".journal")
 
 # Where the two sides point at each other: Optuna user attrs name the MLflow run and model,
 # MLflow tags name the study and trial.
@@ -60,77 +54,6 @@ STUDY_TAG = "pipeline.study_name"
 TRIAL_TAG = "pipeline.trial_number"
 STATE_TAG = "pipeline.trial_state"
 BEST_MODEL_TAG = "pipeline.best_model_uri"
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """The ranges searched; learning rate and weight decay on a log scale."""
-
-    lr_low: float = 1e-3
-    lr_high: float = 1.0
-    epochs_low: int = 5  # the maximum number of epochs of a trial; early stopping works inside it
-    epochs_high: int = 100
-    wd_low: float = 1e-6  # plus zero, through the use_weight_decay switch (see the module docstring)
-    wd_high: float = 1e-2
-
-    def validate(self) -> None:
-        problems = []
-        for name, low, high in (("lr", self.lr_low, self.lr_high), ("wd", self.wd_low, self.wd_high)):
-            if not (low > 0 and high > 0):
-                problems.append(f"{name} bounds are searched on a log scale and must be > 0, got "
-                                f"--{name}-low {low} --{name}-high {high}")
-            elif low > high:
-                problems.append(f"--{name}-low {low} is above --{name}-high {high}")
-        if self.epochs_low < 1:
-            problems.append(f"--epochs-low must be >= 1, got {self.epochs_low}")
-        elif self.epochs_low > self.epochs_high:
-            problems.append(f"--epochs-low {self.epochs_low} is above --epochs-high {self.epochs_high}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-
-@dataclass(frozen=True)
-class TuneConfig:
-    trials: int = 20  # trials the study holds when done: finished ones, from earlier runs or other machines, count
-    workers: int = 1  # processes on this machine working on the study
-    storage: str = DEFAULT_STORAGE  # any Optuna storage URL, or a journal file
-    study_name: str = "fashion-mnist-softmax"
-    sampler: str = "tpe"
-    pruner: str = "median"
-    seed: int = 0  # seeds the sampler and every trial's training
-    # Early stopping inside each trial. Longer than training's 5: SGD's val accuracy is noisy, and with
-    # 5 the good trials stopped near epoch 20 while val accuracy still climbed until about epoch 70.
-    patience: int = 15
-    batch_size: int = 256
-    evaluate: bool = True  # evaluate the best model on test and register it
-    heartbeat_interval: int = 10  # seconds; SQL storages only: a trial silent for 2 intervals is failed
-
-    def validate(self) -> None:
-        problems = []
-        if self.trials < 1:
-            problems.append(f"trials must be >= 1, got {self.trials}")
-        if self.workers < 1:
-            problems.append(f"workers must be >= 1, got {self.workers}")
-        if self.sampler not in SAMPLERS:
-            problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.pruner not in PRUNERS:
-            problems.append(f"pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
-        if not self.study_name:
-            problems.append("study_name must not be empty")
-        if not (is_journal(self.storage) or "://" in self.storage):
-            problems.append(
-                f"storage {self.storage!r} is neither a database URL (sqlite:///optuna.db, "
-                "postgresql://user@host/db, mysql://user@host/db) nor a journal file "
-                f"({JOURNAL_SCHEME}optuna.log, or a path ending in {' or '.join(JOURNAL_SUFFIXES)})"
-            )
-        if self.patience < 0:
-            problems.append(f"patience must be >= 0 (0 disables early stopping), got {self.patience}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.heartbeat_interval < 1:
-            problems.append(f"heartbeat_interval must be >= 1 second, got {self.heartbeat_interval}")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -174,10 +97,6 @@ def make_pruner(name: str, space: SearchSpace) -> optuna.pruners.BasePruner:
 
 # ---------------------------------------------------------------------------------------------------
 # Storage
-
-
-def is_journal(url: str) -> bool:
-    return url.startswith(JOURNAL_SCHEME) or ("://" not in url and url.endswith(JOURNAL_SUFFIXES))
 
 
 def printable_url(url: str) -> str:
@@ -474,7 +393,8 @@ def best_training_params(trial: optuna.trial.FrozenTrial) -> dict:
 
 def evaluate_best(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
     """Test metrics of the best model (in a nested "evaluate" run), and register it if it is better."""
-    with mlflow.start_run(run_name="evaluate", nested=True):
+    with mlflow.start_run(run_name="evaluate", nested=True,
+                          experiment_id=mlflow.active_run().info.experiment_id):
         result = evaluate_step(model_uri, splits)
         promote_if_better(model_uri, val_accuracy)
     metrics = {k: result[k] for k in ("test_accuracy", "test_loss")}

@@ -8,7 +8,10 @@ themselves parameters of the next step: a re-run upstream step gives a new URI, 
 downstream re-runs too.
 """
 
+import functools
+import hashlib
 import shlex
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +23,7 @@ from mlflow.exceptions import ExecutionException
 
 from pipeline.errors import PipelineError
 from pipeline.registry import promote_if_better
-from pipeline.tracking import MODEL_URI_TAG, PREPARED_ARTIFACT, code_version
+from pipeline.config import MODEL_URI_TAG, PREPARED_ARTIFACT
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 CODE_VERSION_TAG = "pipeline.code_version"
@@ -33,6 +36,31 @@ class MainConfig:
     tune: dict = field(default_factory=dict)  # ... of tune's (used when trials > 0)
     trials: int = 20
     force: bool = False
+
+
+def code_version() -> str:
+    """The git commit, with a hash of uncommitted changes when the tree is dirty.
+
+    Two runs with the same code version ran the same code, which is what makes reusing a finished
+    step safe. Outside a git checkout, a hash of the package's source files stands in.
+    """
+    root = PROJECT_DIR
+    try:
+        git = functools.partial(subprocess.run, cwd=root, capture_output=True, check=True)
+        commit = git(["git", "rev-parse", "HEAD"]).stdout.decode().strip()
+        changes = git(["git", "diff", "HEAD"]).stdout  # edits to tracked files
+        untracked = git(["git", "ls-files", "--others", "--exclude-standard", "-z"]).stdout.split(b"\0")
+        if not changes and not any(untracked):
+            return commit
+        h = hashlib.sha256(changes)
+        for name in filter(None, untracked):  # new files not yet committed count as changes too
+            h.update(name + b"\0" + (root / name.decode()).read_bytes())
+        return f"{commit}-dirty-{h.hexdigest()[:12]}"
+    except (OSError, subprocess.CalledProcessError):
+        h = hashlib.sha256()
+        for path in sorted((root / "pipeline").glob("*.py")):
+            h.update(path.read_bytes())
+        return f"nogit-{h.hexdigest()[:12]}"
 
 
 def entry_point_defaults(entry_point: str) -> dict[str, str]:

@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluate import load_model, predict_logits
 from pipeline.experiments import load_spec, run_experiment
 from pipeline.report import write_report
-from pipeline.tracking import MODEL_URI_TAG
+from pipeline.config import MODEL_URI_TAG
 
 LIMIT = 400
 SMALL = f"""

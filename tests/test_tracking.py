@@ -14,7 +14,7 @@ from pipeline import steps
 from pipeline.cli import cli
 from pipeline.config import DataConfig, TrainConfig
 from pipeline.data import array_digest
-from pipeline.tracking import MODEL_URI_TAG
+from pipeline.config import MODEL_URI_TAG
 from pipeline.train import Tensors
 from tests.conftest import REPO
 

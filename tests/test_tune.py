@@ -25,9 +25,9 @@ from pipeline.cli import cli
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.registry import CHAMPION, MODEL_NAME
+from pipeline.config import SearchSpace, TuneConfig, is_journal
 from pipeline.tune import (BEST_MODEL_TAG, FAIL_REASON_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR, STATE_TAG, STUDY_TAG,
-                           TRIAL_TAG, SearchSpace, TuneConfig, is_journal, make_pruner, make_sampler, open_storage,
-                           run_study)
+                           TRIAL_TAG, make_pruner, make_sampler, open_storage, run_study)
 
 SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
 
