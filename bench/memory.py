@@ -23,7 +23,7 @@ import click
 
 from bench.common import Result, subprocess_env
 from pipeline.config import DataConfig
-from pipeline.data import prepare_splits
+from pipeline.core.splits import prepare_splits
 
 MB = 1024  # /proc reports kB
 MEMORY_TARGET_MB = 1.5 * 1000  # the 1.5 GB

@@ -2,9 +2,9 @@
 
 1. The reference is the book's ``load_data_fashion_mnist`` + ``train_epoch_ch3`` (d2l §3.6-3.7):
    torchvision's ``FashionMNIST`` with ``ToTensor``, a ``DataLoader`` of batch 256, shuffled, 4
-   workers, training the same model (``pipeline.model.build_model``) with the same SGD and loss.
-   The project trains on ``pipeline.train.Tensors`` (the whole split in memory, batches sliced by
-   index), with ``pipeline.train.fit`` (tracking off) and ``pipeline.steps.train`` inside an MLflow
+   workers, training the same model (``pipeline.core.model.build_model``) with the same SGD and loss.
+   The project trains on ``pipeline.core.training.Tensors`` (the whole split in memory, batches sliced by
+   index), with ``pipeline.core.training.fit`` (tracking off) and ``pipeline.steps.train.train`` inside an MLflow
    run (tracking on: ``mlflow.log_metrics`` once per epoch). Both sides train on the same number of
    images (the project's 50,000-image training split; the reference a seeded ``Subset`` of as many
    images of torchvision's training set) and validate on as many held-out images.
@@ -27,11 +27,13 @@ from torch.utils import data as tud
 from torchvision import datasets, transforms
 
 from bench.common import Result, median, timed
-from pipeline import steps, tracking
 from pipeline.config import DataConfig, TrainConfig
-from pipeline.data import locate_raw_files, prepare_splits
-from pipeline.model import build_model
-from pipeline.train import Tensors, fit, train_epoch
+from pipeline.core.idx import locate_raw_files
+from pipeline.core.model import build_model
+from pipeline.core.splits import prepare_splits
+from pipeline.core.training import Tensors, fit, train_epoch
+from pipeline.steps.train import train
+from pipeline.support import tracking
 
 BOOK_WORKERS = 4  # d2l's get_dataloader_workers()
 
@@ -111,7 +113,7 @@ def time_reference(root: Path, n_train: int, n_val: int, cfg: TrainConfig, epoch
 
 
 def time_training_pass(tensors: Tensors, cfg: TrainConfig, epochs: int, threads: int | None = None) -> list[float]:
-    """Seconds of ``pipeline.train.train_epoch`` alone, epoch after epoch (optimiser built as ``fit`` does).
+    """Seconds of ``pipeline.core.training.train_epoch`` alone, epoch after epoch (optimiser built as ``fit`` does).
 
     ``threads`` overrides torch's intra-op threads (default: one per core) for this measurement only.
     """
@@ -142,7 +144,7 @@ class EpochClock:
 
 
 def time_untracked_epochs(tensors: Tensors, cfg: TrainConfig) -> list[float]:
-    """Whole epochs (train + validation + best-weights bookkeeping) of ``pipeline.train.fit``."""
+    """Whole epochs (train + validation + best-weights bookkeeping) of ``pipeline.core.training.fit``."""
     clock = EpochClock()
     fit(build_model(cfg.seed), tensors, cfg, on_epoch=clock)
     return clock.epoch_seconds()
@@ -155,14 +157,14 @@ def sqlite_experiment(store: Path) -> str:
 
 
 def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, experiment: str) -> tuple[list[float], float]:
-    """Whole epochs of ``pipeline.steps.train`` in an MLflow run, and its per-run cost.
+    """Whole epochs of ``pipeline.steps.train.train`` in an MLflow run, and its per-run cost.
 
     The per-run cost is what the step spends outside its epochs: params before, curves figure,
     model and summary after. A tuning study pays it once per trial.
     """
     with mlflow.start_run(experiment_id=experiment, run_name="bench-train"):
         clock = EpochClock()
-        steps.train(cfg, splits, tensors, progress=False, on_epoch=clock)
+        train(cfg, splits, tensors, progress=False, on_epoch=clock)
         end = time.perf_counter()
     epochs = clock.epoch_seconds()
     before = clock.stamps[1] - clock.stamps[0] - median(epochs)  # the first gap less one typical epoch
@@ -171,7 +173,7 @@ def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, experiment: 
 
 
 def time_log_epoch(experiment: str, repeats: int) -> dict:
-    """Seconds of one ``pipeline.tracking.log_epoch`` call: synchronous (as steps.train logs) and not."""
+    """Seconds of one ``pipeline.support.tracking.log_epoch`` call: synchronous (as steps.train logs) and not."""
     metrics = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.5, "val_accuracy": 0.8}
     with mlflow.start_run(experiment_id=experiment, run_name="bench-log-epoch"):
         sync = [timed(tracking.log_epoch, {"epoch": i, **metrics})[0] for i in range(repeats)]

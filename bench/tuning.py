@@ -23,8 +23,8 @@ from mlflow import MlflowClient
 from bench.common import Result, subprocess_env
 from bench.memory import check_succeeded, run_sampled
 from pipeline.config import DataConfig
-from pipeline.data import prepare_splits
-from pipeline.tune import RUN_ID_ATTR
+from pipeline.core.splits import prepare_splits
+from pipeline.names import RUN_ID_ATTR
 
 STUDY = {"trials": 30, "epochs_low": 5, "epochs_high": 30, "sampler": "tpe", "pruner": "median", "seed": 0}
 QUICK_STUDY = {**STUDY, "trials": 2, "epochs_low": 1, "epochs_high": 2}
@@ -36,7 +36,7 @@ def tune_command(study: dict, workers: int, data: Path, storage: str) -> list[st
             "--study-name", "bench", "--workers", str(workers), "--trials", str(study["trials"]),
             "--epochs-low", str(study["epochs_low"]), "--epochs-high", str(study["epochs_high"]),
             "--sampler", study["sampler"], "--pruner", study["pruner"], "--seed", str(study["seed"]),
-            "--evaluate", "false"]
+            "--test-best", "false"]
 
 
 def where_time_went(tracking_uri: str, storage: str) -> dict:
@@ -97,7 +97,7 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
     best_minutes = min(f["wall_s"] for f in by_workers.values()) / 60
     result = Result("tuning", quick=quick, metrics=metrics, note=(
         f"`python -m pipeline tune` with {study['sampler']} sampler, {study['pruner']} pruner, seed "
-        f"{study['seed']}, epochs {study['epochs_low']}-{study['epochs_high']}, evaluate false, on "
+        f"{study['seed']}, epochs {study['epochs_low']}-{study['epochs_high']}, test_best false, on "
         f"{'a 500-image slice' if quick else 'the full split'}, fresh sqlite MLflow store and Optuna "
         "storage per run; wall time includes interpreter start. 1 and 2 workers sample different "
         "trials, so compare epochs_trained too"

@@ -1,10 +1,13 @@
-"""Every knob of the pipeline, in one place, as plain typed objects.
+"""Every setting of the pipeline, written once: name, type, default and help.
 
-The CLI builds these from its options and hands them to each step; nothing else reads options.
-The defaults are the book's seed recipe (d2l §3.7): SGD, lr 0.1, batch 256, 10 epochs.
+Each command's options are generated from these dataclasses (``pipeline.cli.options_from``), and a test
+checks every MLproject entry point against them, so a setting added here shows up everywhere. The
+defaults are the book's seed recipe (d2l §3.7): SGD, lr 0.1, batch 256, 10 epochs.
+This module imports neither torch, MLflow nor Optuna: the ``main`` process reads it without them.
 """
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import MISSING, dataclass, field, fields
 
 CLASS_NAMES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -12,67 +15,94 @@ CLASS_NAMES = (
 )
 NUM_CLASSES = len(CLASS_NAMES)
 IMAGE_SIZE = 28
-
-# Names through which the steps find each other's outputs in MLflow
-PREPARED_ARTIFACT = "prepared"  # the prepare run's artifact folder: runs:/<run_id>/prepared
-MODEL_URI_TAG = "pipeline.model_uri"  # the model a train run produced (models:/<model_id>)
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    data_dir: str | None = None  # where the raw IDX files are; None = search the usual places
-    val_size: int = 10_000  # images held out of the 60,000 training images for model selection
-    split_seed: int = 0  # seeds the stratified train/validation split
-    limit: int = 0  # keep at most this many images per split (0 = all); for smoke runs
-
-    def validate(self) -> None:
-        if self.val_size < 1 or self.val_size >= 60_000:
-            raise ValueError(f"val_size must be between 1 and 59999, got {self.val_size}")
-        if self.limit < 0:
-            raise ValueError(f"limit must be >= 0 (0 means all images), got {self.limit}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    lr: float = 0.1
-    epochs: int = 10  # the maximum: early stopping may end training sooner
-    weight_decay: float = 0.0
-    batch_size: int = 256
-    patience: int = 5  # epochs without a better val accuracy before stopping; 0 = never stop early
-    seed: int = 0
-    log_test_curve: bool = False  # also measure test accuracy each epoch (the book's plot); never used to choose
-    input_dropout: float = 0.0  # remedy for overfitting: drop this fraction of input pixels while training
-    augment: bool = False  # remedy for overfitting: random flips and shifts of whole batches
-
-    def validate(self) -> None:
-        problems = []
-        if not self.lr > 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.weight_decay < 0:
-            problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if self.patience < 0:
-            problems.append(f"patience must be >= 0 (0 disables early stopping), got {self.patience}")
-        if not 0 <= self.input_dropout < 1:
-            problems.append(f"input_dropout must be in [0, 1), got {self.input_dropout}")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    def as_params(self) -> dict:
-        return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Tuning (pipeline/tune.py)
+TRAIN_IMAGES = 60_000  # Fashion-MNIST's training file; the validation split is taken from it
 
 SAMPLERS = ("tpe", "random", "gp")
 PRUNERS = ("median", "hyperband", "none")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_SCHEME = "journal:///"  # like sqlite:///: journal:///optuna.log is relative, journal:////tmp/x.log absolute
 JOURNAL_SUFFIXES = (".log", ".journal")
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: a larger setting overflows to inf
+
+
+def setting(default=MISSING, help: str = "", **checks):
+    """A dataclass field with its command-line help and the checks ``field_problems`` applies to it:
+    ``minimum`` (>=), ``above`` (>), ``below`` (<), ``choices``, and ``why`` to explain a bound."""
+    return field(default=default, metadata={"help": help, **checks})
+
+
+def field_problems(config) -> list[str]:
+    """What is wrong with ``config``'s fields, by the checks each field declares; numbers must be finite
+    and within float32."""
+    problems = []
+    for f in fields(config):
+        value, meta = getattr(config, f.name), f.metadata
+        why = f" ({meta['why']})" if "why" in meta else ""
+        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
+            problems.append(f"{f.name} must be a finite number within float32's range, got {value}")
+        elif "minimum" in meta and value < meta["minimum"]:
+            problems.append(f"{f.name} must be >= {meta['minimum']}{why}, got {value}")
+        elif "above" in meta and not value > meta["above"]:
+            problems.append(f"{f.name} must be > {meta['above']}{why}, got {value}")
+        elif "below" in meta and not value < meta["below"]:
+            problems.append(f"{f.name} must be < {meta['below']}{why}, got {value}")
+        elif "choices" in meta and value not in meta["choices"]:
+            problems.append(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+    return problems
+
+
+def check(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_dir: str = setting("", "Folder with the four raw IDX files (.gz or not); empty: $FASHION_MNIST_DIR, "
+                                "./data, the Debian package, then download.")
+    val_size: int = setting(10_000, "Training images held out for validation (stratified).", minimum=1,
+                            below=TRAIN_IMAGES)
+    split_seed: int = setting(0, "Seeds the stratified train/validation split.")
+    limit: int = setting(0, "Keep at most this many images per split (0 = all): quick smoke runs.", minimum=0,
+                         why="0 means all images")
+
+    def validate(self) -> None:
+        check(field_problems(self))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = setting(0.1, "SGD learning rate.", above=0)
+    epochs: int = setting(10, "Maximum epochs (early stopping may stop sooner).", minimum=1)
+    weight_decay: float = setting(0.0, "L2 penalty (SGD weight_decay).", minimum=0)
+    batch_size: int = setting(256, "Images per SGD step.", minimum=1)
+    patience: int = setting(5, "Stop after this many epochs without a better val accuracy; 0 = never.", minimum=0,
+                            why="0 disables early stopping")
+    seed: int = setting(0, "Seeds the initial weights and the batch order.")
+    log_test_curve: bool = setting(False, "Also log test accuracy each epoch (the book's plot; never used to choose).")
+    input_dropout: float = setting(0.0, "Fraction of input pixels dropped while training (overfitting remedy).",
+                                   minimum=0, below=1)
+    augment: bool = setting(False, "Random flips and shifts of whole batches (overfitting remedy).")
+
+    def validate(self) -> None:
+        check(field_problems(self))
+
+
+@dataclass(frozen=True)
+class DataInput:
+    data: str = setting("", "Prepared data: runs:/<id>/prepared or a folder; empty = prepare the default split.")
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    model_uri: str = setting(help="runs:/<id>/model, models:/<name>@<alias>, models:/<name>/<version> or "
+                                  "models:/<model_id>.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tuning (pipeline/steps/tune.py)
 
 
 def is_journal(url: str) -> bool:
@@ -83,15 +113,15 @@ def is_journal(url: str) -> bool:
 class SearchSpace:
     """The ranges searched; learning rate and weight decay on a log scale."""
 
-    lr_low: float = 1e-3
-    lr_high: float = 1.0
-    epochs_low: int = 5  # the maximum number of epochs of a trial; early stopping works inside it
-    epochs_high: int = 100
-    wd_low: float = 1e-6  # plus zero, through the use_weight_decay switch (see pipeline/tune.py)
-    wd_high: float = 1e-2
+    lr_low: float = setting(1e-3, "Learning rate range (log scale).")
+    lr_high: float = setting(1.0, "Upper end of the learning rate range.")
+    epochs_low: int = setting(5, "Range of the maximum epochs of a trial (early stopping works inside it).")
+    epochs_high: int = setting(100, "Upper end of the epochs range.")
+    wd_low: float = setting(1e-6, "Weight decay range (log scale); 0 is always reachable as well.")
+    wd_high: float = setting(1e-2, "Upper end of the weight decay range.")
 
     def validate(self) -> None:
-        problems = []
+        problems = field_problems(self)
         for name, low, high in (("lr", self.lr_low, self.lr_high), ("wd", self.wd_low, self.wd_high)):
             if not (low > 0 and high > 0):
                 problems.append(f"{name} bounds are searched on a log scale and must be > 0, got "
@@ -102,49 +132,82 @@ class SearchSpace:
             problems.append(f"--epochs-low must be >= 1, got {self.epochs_low}")
         elif self.epochs_low > self.epochs_high:
             problems.append(f"--epochs-low {self.epochs_low} is above --epochs-high {self.epochs_high}")
-        if problems:
-            raise ValueError("; ".join(problems))
+        check(problems)
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    trials: int = 20  # trials the study holds when done: finished ones, from earlier runs or other machines, count
-    workers: int = 1  # processes on this machine working on the study
-    storage: str = DEFAULT_STORAGE  # any Optuna storage URL, or a journal file
-    study_name: str = "fashion-mnist-softmax"
-    sampler: str = "tpe"
-    pruner: str = "median"
-    seed: int = 0  # seeds the sampler and every trial's training
-    # Early stopping inside each trial. Longer than training's 5: SGD's val accuracy is noisy, and with
-    # 5 the good trials stopped near epoch 20 while val accuracy still climbed until about epoch 70.
-    patience: int = 15
-    batch_size: int = 256
-    evaluate: bool = True  # evaluate the best model on test and register it
-    heartbeat_interval: int = 10  # seconds; SQL storages only: a trial silent for 2 intervals is failed
+    trials: int = setting(20, "Trials the study holds when done; its finished trials (earlier runs, other "
+                              "machines) count.", minimum=1)
+    workers: int = setting(1, "Processes on this machine working on the study.", minimum=1)
+    storage: str = setting(DEFAULT_STORAGE, "Optuna storage: a database URL (sqlite:///optuna.db, "
+                           "postgresql://user@host/db) or a journal file (journal:///optuna.log, *.log, *.journal).")
+    study_name: str = setting("fashion-mnist-softmax", "Created if new, resumed if it exists (never overwritten).")
+    sampler: str = setting("tpe", "Optuna sampler.", choices=SAMPLERS)
+    pruner: str = setting("median", "Stops unpromising trials early, from their per-epoch val accuracy.",
+                          choices=PRUNERS)
+    seed: int = setting(0, "Seeds the sampler and every trial's training.")
+    # Longer than training's 5: SGD's val accuracy is noisy, and with 5 the good trials stopped near
+    # epoch 20 while val accuracy still climbed until about epoch 70.
+    patience: int = setting(15, "Early stopping inside each trial; 0 = never.", minimum=0,
+                            why="0 disables early stopping")
+    batch_size: int = setting(256, "Images per SGD step in every trial.", minimum=1)
+    test_best: bool = setting(True, "Test the best trial's model and register it.")
+    heartbeat_interval: int = setting(10, "Seconds; SQL storages only: a trial silent for 2 intervals is failed.",
+                                      minimum=1)
 
     def validate(self) -> None:
-        problems = []
-        if self.trials < 1:
-            problems.append(f"trials must be >= 1, got {self.trials}")
-        if self.workers < 1:
-            problems.append(f"workers must be >= 1, got {self.workers}")
-        if self.sampler not in SAMPLERS:
-            problems.append(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
-        if self.pruner not in PRUNERS:
-            problems.append(f"pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+        problems = field_problems(self)
         if not self.study_name:
             problems.append("study_name must not be empty")
         if not (is_journal(self.storage) or "://" in self.storage):
             problems.append(
                 f"storage {self.storage!r} is neither a database URL (sqlite:///optuna.db, "
                 "postgresql://user@host/db, mysql://user@host/db) nor a journal file "
-                f"({JOURNAL_SCHEME}optuna.log, or a path ending in {' or '.join(JOURNAL_SUFFIXES)})"
-            )
-        if self.patience < 0:
-            problems.append(f"patience must be >= 0 (0 disables early stopping), got {self.patience}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.heartbeat_interval < 1:
-            problems.append(f"heartbeat_interval must be >= 1 second, got {self.heartbeat_interval}")
-        if problems:
-            raise ValueError("; ".join(problems))
+                f"({JOURNAL_SCHEME}optuna.log, or a path ending in {' or '.join(JOURNAL_SUFFIXES)})")
+        check(problems)
+
+
+@dataclass(frozen=True)
+class MainConfig:
+    """``main``'s own settings; it also takes every DataConfig and TrainConfig setting."""
+
+    trials: int = setting(20, "Optuna trials; 0 = train the seed recipe (the train options) instead of a study.",
+                          minimum=0)
+    storage: str = setting(DEFAULT_STORAGE, "Optuna storage URL (a relative sqlite path is taken from here).")
+    study_name: str = setting("", "Optuna study to create or resume; empty: one per prepared split.")
+    force: bool = setting(False, "Re-run every step even if an identical finished run exists.")
+
+    def validate(self) -> None:
+        check(field_problems(self))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experiment files (pipeline/steps/experiment.py) and the stability experiment
+
+
+@dataclass(frozen=True)
+class ExperimentOptions:
+    smoke: bool = setting(False, "Cap epochs, data, trials and steps for a quick check; the runs go to the "
+                                 "experiment '<name>-smoke'.")
+
+
+@dataclass(frozen=True)
+class StabilityConfig:
+    images: int = setting(500, "Validation images whose logits are scaled.", minimum=1)
+    scales: tuple[float, ...] = setting((1, 2, 5, 10, 20, 50, 100, 1000, 10000), "Logit scale factors.")
+    fit_epochs: int = setting(2, "Seed-recipe epochs that produce realistic logits; 0 = a fresh model.", minimum=0)
+    lr: float = setting(1.0, "The large learning rate of the side-by-side training (10x the seed recipe).", above=0)
+    steps: int = setting(100, "SGD steps of the side-by-side training.", minimum=1)
+    batch_size: int = setting(256, "Images per SGD step.", minimum=1)
+    seed: int = setting(0, "Seeds the model and the batch order.")
+
+    def validate(self) -> None:
+        problems = field_problems(self)
+        if not self.scales or not all(math.isfinite(s) and s > 0 for s in self.scales):
+            problems.append(f"scales must be a non-empty list of positive numbers, got {list(self.scales)}")
+        check(problems)
+
+
+def field_names(cls) -> set[str]:
+    return {f.name for f in fields(cls)}

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from bench.memory import run_sampled
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 
 def run_bench(only: list[str], tmp_path, env, data_dir) -> tuple[str, dict]:

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.data import (
-    Splits, locate_raw_files, prepare_splits, read_idx, read_split, split_data, stratified_take,
-)
+from pipeline.core.idx import locate_raw_files, read_idx, read_split
+from pipeline.core.splits import Splits, prepare_splits, split_data, stratified_take
 from pipeline.errors import PipelineError
-from tests.conftest import write_fake_dataset, write_idx
+from tests.helpers import write_fake_dataset, write_idx
 
 
 def test_read_idx_roundtrip_gzipped_and_plain(tmp_path):
@@ -86,13 +85,13 @@ def test_locate_prefers_data_dir_and_explains_a_bad_one(tmp_path, fake_data_dir)
 
 
 def test_locate_lists_every_place_when_nothing_is_found(tmp_path, monkeypatch):
-    import pipeline.data as data
+    import pipeline.core.idx as data
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
     monkeypatch.setattr(data, "DEBIAN_DIR", tmp_path / "no-debian")
     with pytest.raises(PipelineError) as err:
-        data.locate_raw_files(None, allow_download=False)
+        data.locate_raw_files("", allow_download=False)
     message = str(err.value)
     for expected in ("$FASHION_MNIST_DIR", "./data", "no-debian", "dataset-fashion-mnist", "--data-dir"):
         assert expected in message
@@ -112,7 +111,7 @@ def test_stratified_take_keeps_class_mix():
 
 
 def _real_split(real_data_dir, **kw):
-    from pipeline.data import raw_files_in
+    from pipeline.core.idx import raw_files_in
 
     raw = raw_files_in(real_data_dir)
     train = read_split(raw["train_images"], raw["train_labels"])

@@ -1,7 +1,6 @@
 """Evaluation, registry aliases, predict and serving, on models trained on a slice of the real data."""
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -14,16 +13,19 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from PIL import Image
 
-from pipeline import steps
 from pipeline.cli import cli
 from pipeline.config import CLASS_NAMES, TrainConfig
-from pipeline.evaluate import evaluate_step, predict_logits
-from pipeline.registry import CHAMPION, MODEL_NAME, promote_if_better
+from pipeline.core.metrics import predict_logits
+from pipeline.names import CHAMPION, MODEL_NAME
+from pipeline.steps.evaluate import evaluate_on_test
+from pipeline.steps.train import train
+from pipeline.support.registry import promote_if_better
+from tests.helpers import free_port
 
 
 def train_model(splits, **cfg):
     with mlflow.start_run():
-        result, info = steps.train(TrainConfig(**cfg), splits, progress=False)
+        result, info = train(TrainConfig(**cfg), splits, progress=False)
     return result, info
 
 
@@ -36,7 +38,7 @@ def test_evaluate_step_logs_metrics_table_and_figures(trained, real_slice):
     splits = real_slice[0]
     result, info = trained
     with mlflow.start_run() as run:
-        evaluation = evaluate_step(info.model_uri, splits)
+        evaluation = evaluate_on_test(info.model_uri, splits)
     # oracle: the in-memory model's own predictions
     expected_pred = predict_logits(result.model, splits.test_x).argmax(1).numpy()
     np.testing.assert_array_equal(evaluation["predictions"], expected_pred)
@@ -113,19 +115,13 @@ def test_predict_on_test_split(trained, real_slice):
     assert len([line for line in out.output.splitlines() if line.startswith("test[")]) == 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_served_champion_answers_like_evaluate(trained, real_slice, subprocess_env):
     splits = real_slice[0]
     result, info = trained
     promote_if_better(info.model_uri, result.best_val_accuracy)
     with mlflow.start_run():
-        expected = evaluate_step(f"models:/{MODEL_NAME}@{CHAMPION}", splits)["predictions"]
+        expected = evaluate_on_test(f"models:/{MODEL_NAME}@{CHAMPION}", splits)["predictions"]
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@{CHAMPION}",

@@ -12,10 +12,10 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
-from pipeline.experiments import (
-    ROLE_TAG, SMOKE, SMOKE_SUFFIX, Caps, load_spec, run_experiment,
-)
-from tests.conftest import REPO
+from pipeline.names import ROLE_TAG
+from pipeline.steps.experiment import SMOKE, SMOKE_SUFFIX, Caps, run_experiment
+from pipeline.support.experiment_file import load_spec
+from tests.helpers import REPO
 
 FILES = sorted((REPO / "experiments").glob("*.yaml"))
 REQUIRED = {"seed_baseline", "overfitting", "remedies", "tune_softmax", "numerical_stability"}

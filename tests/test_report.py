@@ -10,12 +10,14 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import DataConfig
-from pipeline.data import prepare_splits
+from pipeline.core.splits import prepare_splits
 from pipeline.errors import PipelineError
-from pipeline.evaluate import load_model, predict_logits
-from pipeline.experiments import load_spec, run_experiment
-from pipeline.report import write_report
-from pipeline.config import MODEL_URI_TAG
+from pipeline.core.metrics import predict_logits
+from pipeline.names import MODEL_URI_TAG
+from pipeline.steps.experiment import run_experiment
+from pipeline.steps.report import write_report
+from pipeline.support.experiment_file import load_spec
+from pipeline.support.tracking import load_model
 
 LIMIT = 400
 SMALL = f"""

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-from pipeline.losses import log_softmax, naive_cross_entropy, naive_softmax, stable_cross_entropy
-from pipeline.stability import StabilityConfig, batches, run_stability, scale_sweep
+from pipeline.core.losses import log_softmax, naive_cross_entropy, naive_softmax, stable_cross_entropy
+from pipeline.config import StabilityConfig
+from pipeline.core.stability import batches, scale_sweep
+from pipeline.steps.stability import run_stability
 
 
 def random_batch(scale: float, seed: int = 0, n: int = 64, classes: int = 10):

@@ -10,20 +10,22 @@ import torch
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline import steps
 from pipeline.cli import cli
 from pipeline.config import DataConfig, TrainConfig
-from pipeline.data import array_digest
-from pipeline.config import MODEL_URI_TAG
-from pipeline.train import Tensors
-from tests.conftest import REPO
+from pipeline.core.splits import array_digest
+from pipeline.core.training import Tensors
+from pipeline.names import MODEL_URI_TAG
+from pipeline.steps.prepare import prepare
+from pipeline.steps.train import train
+from pipeline.support.tracking import load_data
+from tests.helpers import REPO
 
 
 def test_train_step_logs_params_curves_and_model(mlflow_store, real_slice):
     splits = real_slice[0]
     cfg = TrainConfig(epochs=3, lr=0.2)
     with mlflow.start_run() as run:
-        result, model_info = steps.train(cfg, splits, progress=False)
+        result, model_info = train(cfg, splits, progress=False)
     client = MlflowClient()
     stored = client.get_run(run.info.run_id)
     assert stored.info.status == "FINISHED"
@@ -49,7 +51,7 @@ def test_train_step_logs_params_curves_and_model(mlflow_store, real_slice):
 def test_prepare_step_logs_datasets_with_full_digests(mlflow_store, real_data_dir):
     cfg = DataConfig(data_dir=str(real_data_dir), limit=500)
     with mlflow.start_run() as run:
-        splits = steps.prepare(cfg)
+        splits = prepare(cfg)
     stored = MlflowClient().get_run(run.info.run_id)
     inputs = {d.tags[0].value: d.dataset for d in stored.inputs.dataset_inputs}
     assert set(inputs) == {"training", "validation", "test"}
@@ -59,7 +61,7 @@ def test_prepare_step_logs_datasets_with_full_digests(mlflow_store, real_data_di
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
     assert {"prepared", "samples.png", "class_counts.json"} <= artifacts
     # the prepared artifact is what the next step loads, through the run's URI
-    fetched = steps.load_data(f"runs:/{run.info.run_id}/prepared")
+    fetched = load_data(f"runs:/{run.info.run_id}/prepared")
     np.testing.assert_array_equal(fetched.test_x, splits.test_x)
 
 

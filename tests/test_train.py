@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.model import build_model
-from pipeline.train import DivergedError, Tensors, evaluate, fit
+from pipeline.core.model import build_model
+from pipeline.core.training import DivergedError, Tensors, fit, score
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_early_stopping_keeps_the_best_epochs_weights(tensors):
     assert result.stopped_early and len(val_accs) == result.best_epoch + cfg.patience < cfg.epochs
     assert result.best_val_accuracy == max(val_accs) == val_accs[result.best_epoch - 1]
     # the returned model is the best epoch's, not the last epoch's
-    assert evaluate(result.model, *tensors.val)[1] == pytest.approx(result.best_val_accuracy)
+    assert score(result.model, *tensors.val)[1] == pytest.approx(result.best_val_accuracy)
     assert val_accs[-1] < result.best_val_accuracy
 
 

@@ -6,7 +6,6 @@ Trials run on a 2,000-image slice of the real data with a few epochs, so each ta
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,10 +23,12 @@ from optuna.trial import TrialState
 from pipeline.cli import cli
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.registry import CHAMPION, MODEL_NAME
 from pipeline.config import SearchSpace, TuneConfig, is_journal
-from pipeline.tune import (BEST_MODEL_TAG, FAIL_REASON_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR, STATE_TAG, STUDY_TAG,
-                           TRIAL_TAG, make_pruner, make_sampler, open_storage, run_study)
+from pipeline.names import (BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR,
+                            STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG)
+from pipeline.steps.tune import run_study
+from pipeline.support.optuna_storage import open_storage
+from pipeline.support.search import make_pruner, make_sampler
 
 SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
 
@@ -50,14 +51,14 @@ def assert_one_finished_run_per_trial(study: optuna.Study) -> None:
     for trial in study.trials:
         run = by_id[trial.user_attrs[RUN_ID_ATTR]]
         assert int(run.data.tags[TRIAL_TAG]) == trial.number
-        assert run.data.tags[STATE_TAG] == trial.state.name
+        assert run.data.tags[TRIAL_STATE_TAG] == trial.state.name
         assert run.info.status != "RUNNING"
         assert "mlflow.parentRunId" in run.data.tags
 
 
 def tune_command(data: Path, storage: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "pipeline", "tune", "--data", str(data), "--storage", storage,
-            "--study-name", "s", "--epochs-low", "1", "--epochs-high", "3", "--evaluate", "false", *extra]
+            "--study-name", "s", "--epochs-low", "1", "--epochs-high", "3", "--test-best", "false", *extra]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,7 +182,7 @@ def test_small_study_on_real_data(real_slice, mlflow_store, tmp_path):
 def test_resume_keeps_trials_and_same_seed_gives_same_study(real_slice, mlflow_store, tmp_path):
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cfg = TuneConfig(trials=3, storage=storage, study_name="a", pruner="none", evaluate=False)
+    cfg = TuneConfig(trials=3, storage=storage, study_name="a", pruner="none", test_best=False)
     first = run_study(cfg, SMALL_SPACE, str(data))
     before = [(t.number, t.params, t.value) for t in first.trials]
 
@@ -198,7 +199,7 @@ def test_resume_keeps_trials_and_same_seed_gives_same_study(real_slice, mlflow_s
 def test_diverging_trials_fail_and_the_study_goes_on(real_slice, mlflow_store, tmp_path):
     _, data = real_slice
     huge_lr = SearchSpace(lr_low=1e37, lr_high=1e38, epochs_low=1, epochs_high=2)  # loss becomes NaN
-    cfg = TuneConfig(trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", evaluate=False)
+    cfg = TuneConfig(trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", test_best=False)
     with pytest.warns(UserWarning, match="out of range"):  # the seed recipe's lr lies outside this space
         study = run_study(cfg, huge_lr, str(data))
 
@@ -260,10 +261,10 @@ def test_killed_worker_is_failed_by_its_missing_heartbeat(real_slice, subprocess
     """kill -9 leaves no chance to clean up: the next run notices the silent trial and closes it."""
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cfg = TuneConfig(trials=2, storage=storage, study_name="s", evaluate=False, heartbeat_interval=1,
+    cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, heartbeat_interval=1,
                      patience=0, pruner="none")
     long_trials = SearchSpace(epochs_low=300, epochs_high=300)
-    script = ("import sys; from pipeline.tune import *; "
+    script = ("import sys; from pipeline.steps.tune import *; "
               f"run_study({cfg!r}, {long_trials!r}, sys.argv[1])")
     process = subprocess.Popen([sys.executable, "-c", script, str(data)], env=subprocess_env)
     wait_for_running_trial(storage, 1)
@@ -296,41 +297,6 @@ def test_workers_share_one_study(real_slice, subprocess_env, tmp_path):
 
 # ---------------------------------------------------------------------------------------------------
 # Two machines' worth of workers on one PostgreSQL database
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_url():
-    """A throwaway PostgreSQL server on loopback (Debian's postgresql package), torn down afterwards."""
-    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not initdb:
-        pytest.fail("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: run `.ci/run`, or "
-                    "`apt-get install postgresql`, to install them")
-    bin_dir = initdb[-1].parent
-    home = Path(tempfile.mkdtemp(prefix="pg-"))  # under /tmp: pytest's tmp_path is closed to other users
-    # The server refuses to run as root: then it runs as the postgres user, which must own its folder.
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_postgres:
-        shutil.chown(home, "postgres", "postgres")
-    port, data = free_port(), home / "data"
-
-    def pg(tool, *args):
-        subprocess.run([*as_postgres, str(bin_dir / tool), *args], check=True, capture_output=True)
-
-    pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
-    pg("pg_ctl", "-D", str(data), "-l", str(home / "log"), "-w", "start",
-       "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off")
-    try:
-        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "optuna")
-        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"
-    finally:
-        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
-        shutil.rmtree(home)
 
 
 @pytest.mark.slow

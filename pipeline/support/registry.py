@@ -8,8 +8,8 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-MODEL_NAME = "fashion-mnist-softmax"
-CHAMPION = "champion"
+from pipeline.names import (CHAMPION, CHAMPION_DECISION_TAG, MODEL_NAME, REGISTERED_VERSION_TAG, REGISTRY_DECISION,
+                            VERSION_VAL_ACCURACY_TAG)
 
 
 def current_champion(client: MlflowClient, name: str):
@@ -37,9 +37,9 @@ def promote_if_better(model_uri: str, val_accuracy: float, name: str = MODEL_NAM
     model_id = mlflow.models.get_model_info(model_uri).model_id
     version = find_version(client, name, model_id)
     if version is None:
-        version = mlflow.register_model(model_uri, name, tags={"val_accuracy": str(val_accuracy)})
+        version = mlflow.register_model(model_uri, name, tags={VERSION_VAL_ACCURACY_TAG: str(val_accuracy)})
     champion = current_champion(client, name)
-    champion_acc = float(champion.tags.get("val_accuracy", "-inf")) if champion else None
+    champion_acc = float(champion.tags.get(VERSION_VAL_ACCURACY_TAG, "-inf")) if champion else None
     if champion is not None and champion.version == version.version:
         promoted, reason = False, f"version {version.version} already is the {CHAMPION}"
     elif champion is None or val_accuracy > champion_acc:
@@ -54,7 +54,6 @@ def promote_if_better(model_uri: str, val_accuracy: float, name: str = MODEL_NAM
     decision = {"model_name": name, "version": int(version.version), "promoted": promoted,
                 "previous_champion": int(champion.version) if champion else None, "reason": reason}
     if mlflow.active_run():
-        mlflow.set_tags({"pipeline.registered_version": version.version,
-                         "pipeline.champion_decision": reason})
-        mlflow.log_dict(decision, "registry_decision.json")
+        mlflow.set_tags({REGISTERED_VERSION_TAG: version.version, CHAMPION_DECISION_TAG: reason})
+        mlflow.log_dict(decision, REGISTRY_DECISION)
     return decision

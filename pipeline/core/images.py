@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.config import CLASS_NAMES, IMAGE_SIZE
-from pipeline.evaluate import predict_logits
+from pipeline.core.metrics import predict_logits
 from pipeline.errors import PipelineError
 
 

@@ -1,4 +1,4 @@
-"""MLflow helpers shared by every step: model logging, datasets, metrics, code version.
+"""MLflow helpers shared by the steps: models, datasets, metrics, params and fetching the prepared data.
 
 MLflow's defaults are used throughout (tracking store ``sqlite:///mlflow.db``, artifacts in
 ``./mlruns``), overridable with the usual ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``.
@@ -6,20 +6,22 @@ MLflow's defaults are used throughout (tracking store ``sqlite:///mlflow.db``, a
 
 import functools
 import tempfile
+import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric
 from mlflow.models import ModelSignature, infer_signature
 
-from pipeline.config import IMAGE_SIZE, NUM_CLASSES
-from pipeline.data import SPLITS, Splits, array_digest, to_tensor
+from pipeline.config import IMAGE_SIZE, NUM_CLASSES, DataConfig
+from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits, to_tensor
 from pipeline.errors import PipelineError
-
-MODEL_ARTIFACT = "model"
-DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+from pipeline.names import DATASET_CONTEXTS, MODEL_ARTIFACT
 
 
 @functools.cache
@@ -51,6 +53,17 @@ def log_epoch(metrics: dict, synchronous: bool = True) -> None:
     mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step, synchronous=synchronous)
 
 
+def log_series(table: pd.DataFrame, steps) -> None:
+    """Every column of ``table`` as a metric curve over ``steps``, in one call (MLflow batches it).
+
+    One ``log_metrics`` call per step would cost a database round trip each (seconds for 100 steps).
+    """
+    now = int(time.time() * 1000)
+    metrics = [Metric(key, float(value), now, int(step))
+               for key in table.columns for value, step in zip(table[key], steps)]
+    MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
+
+
 def log_datasets(splits: Splits, source: str) -> None:
     """Record the three splits as MLflow dataset inputs, with a digest over the full arrays."""
     for split in SPLITS:
@@ -75,6 +88,31 @@ def fetch_prepared(data_uri: str) -> Splits:
             "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
         )
     return Splits.load(Path(local))
+
+
+def load_data(data_uri: str) -> Splits:
+    """The prepared splits named by ``data_uri``; with none given, prepare the default ones here."""
+    if data_uri:
+        return fetch_prepared(data_uri)
+    splits = prepare_splits(DataConfig())[0]
+    log_datasets(splits, "prepared in this run with the default settings")
+    return splits
+
+
+def load_model(model_uri: str):
+    """Load a logged model from runs:/..., models:/name@alias, models:/<model_id> or a path."""
+    try:
+        return mlflow.pytorch.load_model(model_uri)
+    except Exception as e:  # MLflow raises many types for a bad URI: not found, bad scheme, ...
+        raise PipelineError(
+            f"cannot load model '{model_uri}' ({type(e).__name__}: {e}); use runs:/<run_id>/model, "
+            "models:/<name>@<alias>, models:/<name>/<version> or models:/<model_id>"
+        )
+
+
+def logged_model_id(model_uri: str) -> str | None:
+    """The MLflow 3 LoggedModel id behind a model URI, so metrics can be linked to the model."""
+    return mlflow.models.get_model_info(model_uri).model_id
 
 
 def log_new_params(params: dict) -> None:

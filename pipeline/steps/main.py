@@ -1,4 +1,4 @@
-"""``main``: prepare -> train (or tune) -> evaluate -> register, as one parent run with child runs.
+"""Step ``main``: prepare -> train (or tune) -> evaluate -> register, as one parent run with child runs.
 
 This follows MLflow's ``multistep_workflow`` example: each step is an MLproject entry point launched
 with ``mlflow.projects.run`` inside the parent run (which makes it a child run), and a step that already
@@ -12,30 +12,23 @@ import functools
 import hashlib
 import shlex
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
+import click
 import mlflow
 import yaml
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
 
+from pipeline.cli import make_config, options_from
+from pipeline.config import DataConfig, MainConfig, TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.registry import promote_if_better
-from pipeline.config import MODEL_URI_TAG, PREPARED_ARTIFACT
+from pipeline.names import BEST_MODEL_TAG, CODE_VERSION_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT, STEP_TAG
+from pipeline.support.registry import promote_if_better
 
-PROJECT_DIR = Path(__file__).resolve().parent.parent
-CODE_VERSION_TAG = "pipeline.code_version"
-
-
-@dataclass
-class MainConfig:
-    prepare: dict = field(default_factory=dict)  # overrides of the prepare entry point's parameters
-    train: dict = field(default_factory=dict)  # ... of train's (used when trials == 0)
-    tune: dict = field(default_factory=dict)  # ... of tune's (used when trials > 0)
-    trials: int = 20
-    force: bool = False
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def code_version() -> str:
@@ -58,7 +51,7 @@ def code_version() -> str:
         return f"{commit}-dirty-{h.hexdigest()[:12]}"
     except (OSError, subprocess.CalledProcessError):
         h = hashlib.sha256()
-        for path in sorted((root / "pipeline").glob("*.py")):
+        for path in sorted((root / "pipeline").rglob("*.py")):
             h.update(path.read_bytes())
         return f"nogit-{h.hexdigest()[:12]}"
 
@@ -126,25 +119,24 @@ def run_step(entry_point: str, params: dict, force: bool) -> Run:
             raise PipelineError(f"step '{entry_point}' failed: {e}; its output is above")
         run_id = submitted.run_id
         MlflowClient().set_tag(run_id, CODE_VERSION_TAG, version)
-    mlflow.set_tags({f"pipeline.step.{entry_point}": run_id,
-                     f"pipeline.step.{entry_point}.reused": reused is not None})
+    mlflow.set_tags({STEP_TAG.format(entry_point): run_id, STEP_TAG.format(entry_point) + ".reused": reused is not None})
     return MlflowClient().get_run(run_id)
 
 
-def run_main(cfg: MainConfig) -> dict:
+def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     """Run the whole pipeline inside the active (parent) run and return its headline figures."""
-    prepare = run_step("prepare", step_parameters("prepare", cfg.prepare), cfg.force)
+    prepare = run_step("prepare", step_parameters("prepare", asdict(data)), cfg.force)
     data_uri = f"runs:/{prepare.info.run_id}/{PREPARED_ARTIFACT}"
     if cfg.trials > 0:
         # one study per prepared split by default: trials on other data must not mix into it
-        overrides = {"study_name": f"main-{prepare.info.run_id}", **cfg.tune,
-                     "data": data_uri, "trials": cfg.trials, "evaluate": False}
-        if "storage" in overrides:
-            overrides["storage"] = absolute_sqlite_url(overrides["storage"])
+        # the study keeps its own patience (see TuneConfig): SGD's noisy val accuracy needs a longer one
+        overrides = {"study_name": cfg.study_name or f"main-{prepare.info.run_id}", "data": data_uri,
+                     "trials": cfg.trials, "test_best": False, "storage": absolute_sqlite_url(cfg.storage),
+                     "seed": train.seed, "batch_size": train.batch_size}
         model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
-        model_uri = model_run.data.tags.get("pipeline.best_model_uri")
+        model_uri = model_run.data.tags.get(BEST_MODEL_TAG)
     else:
-        model_run = run_step("train", step_parameters("train", {**cfg.train, "data": data_uri}), cfg.force)
+        model_run = run_step("train", step_parameters("train", {**asdict(train), "data": data_uri}), cfg.force)
         model_uri = model_run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
         raise PipelineError(f"run {model_run.info.run_id} finished without recording a model URI")
@@ -158,3 +150,15 @@ def run_main(cfg: MainConfig) -> dict:
     mlflow.set_tag(MODEL_URI_TAG, model_uri)
     decision = promote_if_better(model_uri, val_accuracy)
     return {**headline, "model_uri": model_uri, "registry": decision}
+
+
+@click.command("main")
+@options_from(DataConfig, TrainConfig, MainConfig)
+def main_command(**options):
+    """Run prepare -> train/tune -> evaluate -> register, reusing finished steps."""
+    data, train = make_config(DataConfig, options), make_config(TrainConfig, options)
+    cfg = make_config(MainConfig, options)
+    with mlflow.start_run(run_name="main"):
+        result = run_main(data, train, cfg)
+    click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}; "
+               f"model {result['model_uri']}; registry: {result['registry']['reason']}")

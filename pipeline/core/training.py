@@ -1,4 +1,4 @@
-"""The training loop: plain PyTorch, no tracking. The step in ``pipeline.steps`` adds MLflow around it.
+"""The training loop: plain PyTorch, no tracking. ``pipeline.steps.train`` adds MLflow around it.
 
 Why it is fast: the whole training split already sits in memory as one float tensor, so a batch is a
 single index into it. The book's DataLoader instead decodes, converts and collates 256 PIL images per
@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from pipeline.config import TrainConfig
-from pipeline.data import Splits, to_tensor
+from pipeline.core.splits import Splits, to_tensor
 from pipeline.errors import PipelineError
 
 
@@ -58,8 +58,8 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy over a whole split in one pass."""
+def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy over a whole split in one pass (the validation pass of each epoch)."""
     model.eval()
     logits = model(x)
     loss = F.cross_entropy(logits, y).item()
@@ -113,11 +113,11 @@ def fit(model: nn.Module, data: Tensors, cfg: TrainConfig,
     best_state = None
     for epoch in range(1, cfg.epochs + 1):
         train_loss, train_acc = train_epoch(model, *data.train, optimizer, cfg, generator, augment)
-        val_loss, val_acc = evaluate(model, *data.val)
+        val_loss, val_acc = score(model, *data.val)
         metrics = dict(epoch=epoch, train_loss=train_loss, train_accuracy=train_acc,
                        val_loss=val_loss, val_accuracy=val_acc)
         if cfg.log_test_curve:  # the book's test curve; only ever plotted, never used to choose
-            metrics["test_loss"], metrics["test_accuracy"] = evaluate(model, *data.test)
+            metrics["test_loss"], metrics["test_accuracy"] = score(model, *data.test)
         result.history.append(metrics)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
             raise DivergedError(epoch, metrics)

@@ -1,4 +1,4 @@
-"""The comparison people would otherwise build by hand: a leaderboard and the curves of every run.
+"""Step ``report``: the comparison people would otherwise build by hand: a leaderboard and the curves of every run.
 
 ``write_report(experiment)`` pulls the runs of one MLflow experiment with ``mlflow.search_runs``
 (a pandas DataFrame, one row per run), adds what only the metric histories know, and writes
@@ -6,7 +6,7 @@
 files are logged as artifacts of a run named "report" in that experiment.
 
 Two test accuracies, and why: a run with the test curve on (``log_test_curve``) logs ``test_accuracy``
-at every epoch (steps 1..N), and its evaluation (``pipeline.evaluate.evaluate_step``) logs the kept
+at every epoch (steps 1..N), and its evaluation (``pipeline.steps.evaluate.evaluate_on_test``) logs the kept
 model's ``test_accuracy`` without a step, i.e. at step 0. MLflow's "latest value" is the one with the
 highest step, so ``search_runs`` shows the *last epoch's* value; the leaderboard reads the history and
 reports both: ``test_accuracy`` (the kept, best-validation model: what the run delivers) and
@@ -16,15 +16,14 @@ reports both: ``test_accuracy`` (the kept, best-validation model: what the run d
 import datetime
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import click
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from pipeline import plots  # noqa: F401 (selects matplotlib's headless backend)
 from pipeline.errors import PipelineError
-from pipeline.experiments import ROLE_TAG
-from pipeline.tune import STATE_TAG  # Optuna's state of a trial run: COMPLETE, PRUNED, FAIL
+from pipeline.names import REPORT_FOLDER, ROLE_TAG, TRIAL_STATE_TAG
+from pipeline.support import figures
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
 EVALUATION_STEP = 0  # evaluate_step logs without a step; the test curve's steps are the epochs 1..N
@@ -66,7 +65,7 @@ def metric(runs: pd.DataFrame, name: str) -> pd.Series:
 
 def run_status(runs: pd.DataFrame) -> pd.Series:
     """MLflow's status, with Optuna's trial state where the run is a trial ("FINISHED (PRUNED)")."""
-    state = runs.get(f"tags.{STATE_TAG}", pd.Series(None, index=runs.index, dtype=object))
+    state = runs.get(f"tags.{TRIAL_STATE_TAG}", pd.Series(None, index=runs.index, dtype=object))
     return runs["status"] + state.map(lambda s: f" ({s})" if isinstance(s, str) else "")
 
 
@@ -114,28 +113,6 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def curves_figure(table: pd.DataFrame, run_curves: dict[str, dict], title: str) -> plt.Figure:
-    """Validation accuracy of every run (solid) and, where logged, its test accuracy (dotted, same colour)."""
-    fig, ax = plt.subplots(figsize=(10, 5.5))
-    colours = plt.get_cmap("tab20" if len(table) > 10 else "tab10").colors  # distinct colours for up to 20 runs
-    for i, (run_id, name) in enumerate(zip(table["run_id"], table["run"])):
-        c = run_curves[run_id]
-        if c["val"]:
-            ax.plot(*zip(*c["val"]), color=colours[i % len(colours)], label=name, linewidth=1.2)
-        if c["test"]:
-            ax.plot(*zip(*c["test"]), ":", color=colours[i % len(colours)], linewidth=1.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}\nsolid: validation accuracy, dotted: test accuracy (where the run logged it)")
-    ax.grid(True, alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
-    else:
-        ax.text(0.5, 0.5, "no run logged accuracy curves", ha="center", va="center", transform=ax.transAxes)
-    fig.tight_layout()
-    return fig
-
-
 def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict) -> str:
     shown = table.drop(columns="run_id")
     lines = [f"# Report: {experiment_name}", "",
@@ -161,9 +138,20 @@ def write_report(experiment_name: str, out_root: Path = Path("reports")) -> dict
     markdown = markdown_report(experiment_name, table, common)
     (directory / "leaderboard.md").write_text(markdown)
     table.to_csv(directory / "leaderboard.csv", index=False)
-    figure = curves_figure(table, run_curves, f"{experiment_name}: accuracy per epoch")
+    figure = figures.accuracy_curves(list(table["run"]), [run_curves[r] for r in table["run_id"]],
+                                     f"{experiment_name}: accuracy per epoch")
     figure.savefig(directory / "accuracy_curves.png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
     with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={ROLE_TAG: "report"}) as run:
-        mlflow.log_artifacts(str(directory), artifact_path="report")
+        mlflow.log_artifacts(str(directory), artifact_path=REPORT_FOLDER)
     return {"table": table, "markdown": markdown, "directory": directory, "run_id": run.info.run_id}
+
+
+@click.command("report")
+@click.argument("experiment_name")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
+              show_default=True, help="The report goes to OUT/EXPERIMENT_NAME/.")
+def report_command(experiment_name, out):
+    """Leaderboard (markdown, CSV) and accuracy curves of all runs of an MLflow experiment."""
+    result = write_report(experiment_name, out)
+    click.echo(result["markdown"])
+    click.echo(f"written to {result['directory']} and logged to run {result['run_id']}")

@@ -1,0 +1,59 @@
+"""Every name through which runs, trials, models and artifacts find each other, written once.
+
+Tags and artifact paths are what a user filters on in the MLflow UI (``tags.pipeline.study_name = 'x'``)
+and what the steps read back from each other; Optuna user attributes point from a trial to its MLflow
+run. Plain strings only: importing this module costs nothing (no torch, MLflow or Optuna).
+"""
+
+# --- The model registry ----------------------------------------------------------------------------
+MODEL_NAME = "fashion-mnist-softmax"  # the registered model
+CHAMPION = "champion"  # alias of the version with the best validation accuracy
+VERSION_VAL_ACCURACY_TAG = "val_accuracy"  # on each model version: what the champion is chosen by
+
+# --- Artifacts -------------------------------------------------------------------------------------
+PREPARED_ARTIFACT = "prepared"  # the prepare run's folder: runs:/<run_id>/prepared
+MODEL_ARTIFACT = "model"
+CLASS_COUNTS = "class_counts.json"
+SAMPLES_FIGURE = "samples.png"
+CURVES_FIGURE = "curves.png"
+PER_CLASS_TABLE = "per_class.json"
+PER_CLASS_CSV = "per_class.csv"
+CONFUSION_FIGURE = "confusion_matrix.png"
+MISTAKES_FIGURE = "confident_mistakes.png"
+REGISTRY_DECISION = "registry_decision.json"
+STUDY_FOLDER = "study"  # the tune run's trials table and figures: study/trials.csv, study/<figure>.png
+REPORT_FOLDER = "report"
+STABILITY_TABLES = {"sweep": "loss_vs_scale", "race": "training_loss"}  # .csv/.json/.png of each
+
+# --- Dataset contexts (mlflow.log_input) -----------------------------------------------------------
+DATASET_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+# --- Run tags --------------------------------------------------------------------------------------
+FAILURE_TAG = "pipeline.failure"  # why a run failed, in one line
+MODEL_URI_TAG = "pipeline.model_uri"  # the model a train run produced (models:/<model_id>)
+STOPPED_EARLY_TAG = "pipeline.stopped_early"
+CACHE_KEY_TAG = "pipeline.cache_key"
+CACHE_REUSED_TAG = "pipeline.cache_reused"
+CODE_VERSION_TAG = "pipeline.code_version"  # git commit (+ hash of uncommitted changes) of a step
+STEP_TAG = "pipeline.step.{}"  # on main: the run id of each step; + ".reused"
+STUDY_TAG = "pipeline.study_name"
+TRIAL_TAG = "pipeline.trial_number"
+TRIAL_STATE_TAG = "pipeline.trial_state"  # Optuna's state of a trial run: COMPLETE, PRUNED, FAIL
+BEST_MODEL_TAG = "pipeline.best_model_uri"
+BEST_TRIAL_TAG = "pipeline.best_trial"
+BEST_RUN_TAG = "pipeline.best_run_id"
+REGISTERED_VERSION_TAG = "pipeline.registered_version"
+CHAMPION_DECISION_TAG = "pipeline.champion_decision"
+ROLE_TAG = "pipeline.role"  # "experiment" on an experiment file's parent run, "report" on a report
+FILE_TAG = "pipeline.experiment_file"
+POINT_TAG = "pipeline.grid_point"
+SMOKE_TAG = "pipeline.smoke"
+
+# --- Optuna user attributes of a trial -------------------------------------------------------------
+RUN_ID_ATTR = "mlflow_run_id"
+MODEL_URI_ATTR = "model_uri"
+BEST_EPOCH_ATTR = "best_epoch"
+FAIL_REASON_ATTR = "fail_reason"  # a failed trial with a result: training diverged
+INTERRUPTED_ATTR = "interrupted"  # a failed trial without a result: its place goes to a new trial
+RECIPE_ATTR = "recipe"  # the seed recipe's trial
+STUDY_BEST_MODEL_ATTR = "best_model_uri"  # on the study

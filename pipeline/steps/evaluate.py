@@ -1,0 +1,51 @@
+"""Step ``evaluate``: a logged model on the untouched test split; accuracy, loss, a per-class table, figures.
+
+This is the only place the test split is used to *report* (the optional test curve in training is
+only plotted); nothing is ever chosen by test accuracy.
+"""
+
+import click
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.cli import options_from
+from pipeline.config import DataInput, ModelInput
+from pipeline.core.metrics import confusion_matrix, per_class_table, predict_logits
+from pipeline.core.splits import Splits
+from pipeline.names import CONFUSION_FIGURE, MISTAKES_FIGURE, PER_CLASS_CSV, PER_CLASS_TABLE
+from pipeline.support import figures, tracking
+
+
+def evaluate_on_test(model_uri: str, splits: Splits, model: torch.nn.Module | None = None) -> dict:
+    """Evaluate ``model_uri`` on the test split and log metrics, table and figures to the active run.
+
+    The metrics are also linked to the logged model, so the MLflow UI shows test accuracy beside it.
+    ``model`` is the loaded model when the caller already has it.
+    """
+    model = model if model is not None else tracking.load_model(model_uri)
+    logits = predict_logits(model, splits.test_x)
+    probs = F.softmax(logits, dim=1).numpy()
+    y_pred = probs.argmax(axis=1)
+    metrics = {"test_accuracy": float(np.mean(y_pred == splits.test_y)),
+               "test_loss": F.cross_entropy(logits, torch.from_numpy(splits.test_y)).item()}
+    table = per_class_table(splits.test_y, y_pred)
+    mlflow.log_metrics(metrics, model_id=tracking.logged_model_id(model_uri))
+    mlflow.log_table(table, artifact_file=PER_CLASS_TABLE)
+    mlflow.log_text(table.to_csv(index=False), PER_CLASS_CSV)
+    mlflow.log_figure(figures.confusion_figure(confusion_matrix(splits.test_y, y_pred)), CONFUSION_FIGURE)
+    mlflow.log_figure(figures.confident_mistakes(splits.test_x, splits.test_y, probs), MISTAKES_FIGURE)
+    return {**metrics, "per_class": table, "predictions": y_pred}
+
+
+@click.command("evaluate")
+@options_from(ModelInput, DataInput)
+def evaluate_command(model_uri, data):
+    """Evaluate a logged model on the untouched test split."""
+    model = tracking.load_model(model_uri)  # a bad URI fails here, before a run is opened
+    with mlflow.start_run(run_name="evaluate"):
+        tracking.log_new_params({"model_uri": model_uri, "data": data})
+        result = evaluate_on_test(model_uri, tracking.load_data(data), model)
+    click.echo(f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}")
+    click.echo(result["per_class"].to_string(index=False, float_format="%.3f"))

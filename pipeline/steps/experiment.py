@@ -1,0 +1,144 @@
+"""Step ``experiment``: run an experiment file (``experiments/*.yaml``) into one MLflow experiment.
+
+The file's format is checked by ``pipeline.support.experiment_file`` before anything runs. Then the data
+are prepared once; a parent run (tag ``pipeline.role=experiment``, the YAML file as its artifact) holds
+one nested run per grid point, each trained in-process with ``pipeline.steps.train.train`` and then
+tested with ``pipeline.steps.evaluate.evaluate_on_test``, so every run in the report has a test
+accuracy; a tune file runs its study through ``pipeline.steps.tune.run_study``.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+import mlflow
+from mlflow import MlflowClient
+
+from pipeline.cli import options_from
+from pipeline.config import DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
+from pipeline.core.splits import prepare_splits
+from pipeline.core.training import DivergedError, Tensors
+from pipeline.errors import PipelineError
+from pipeline.names import FILE_TAG, POINT_TAG, ROLE_TAG, SMOKE_TAG
+from pipeline.steps.evaluate import evaluate_on_test
+from pipeline.steps.stability import run_stability
+from pipeline.steps.train import train
+from pipeline.support import tracking
+from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, split_study
+
+
+@dataclass(frozen=True)
+class Caps:
+    """Limits for smoke runs (0 = none): CI runs every experiment file this way, in seconds."""
+
+    max_epochs: int = 0  # caps TrainConfig.epochs, the tune search's epochs, StabilityConfig.fit_epochs
+    limit: int = 0  # images per split (DataConfig.limit)
+    max_trials: int = 0  # caps a study's trials
+    max_steps: int = 0  # caps StabilityConfig.steps
+
+    @property
+    def active(self) -> bool:
+        return any(dataclasses.astuple(self))
+
+
+SMOKE = Caps(max_epochs=2, limit=500, max_trials=2, max_steps=20)
+SMOKE_SUFFIX = "-smoke"  # capped runs go to their own MLflow experiment and Optuna study
+
+
+def capped(config, caps: Caps, **fields_to_cap):
+    """``config`` with each named field lowered to the cap (a cap of 0 leaves the field alone)."""
+    changes = {name: min(getattr(config, name), cap) for name, cap in fields_to_cap.items() if cap}
+    return dataclasses.replace(config, **changes)
+
+
+def experiment_id(name: str) -> str:
+    """The id of the MLflow experiment ``name``, created if needed.
+
+    Deliberately not ``mlflow.set_experiment``: under ``mlflow run`` the parent run already exists in
+    the experiment ``mlflow run`` chose, and MLflow refuses to resume it while another is "active".
+    """
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment else client.create_experiment(name)
+
+
+def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
+    """Run every grid point (or the study) of ``spec``; returns the parent run id and the child run ids.
+
+    A grid point whose training diverges ends as a FAILED run and the others still run; the call
+    raises at the end, naming the failed points, so the command exits non-zero.
+    """
+    name = spec.name + (SMOKE_SUFFIX if caps.active else "")
+    exp_id = experiment_id(name)
+    limits = [n for n in (spec.data.limit, caps.limit) if n]  # 0 means "all images" in both
+    data_cfg = dataclasses.replace(spec.data, limit=min(limits, default=0))
+    splits, prepared_path, info = prepare_splits(data_cfg)
+    with mlflow.start_run(experiment_id=exp_id, run_name=Path(spec.path).stem, description=spec.description,
+                          tags={ROLE_TAG: "experiment", FILE_TAG: spec.path, SMOKE_TAG: caps.active}) as parent:
+        mlflow.log_artifact(spec.path)
+        tracking.log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point,
+                                 "runs": len(spec.grid) or 1, **{f"cap_{k}": v for k, v in
+                                                                 dataclasses.asdict(caps).items()}})
+        if spec.entry_point == "tune":
+            children, failed = [run_tune(spec, caps, exp_id, prepared_path)], []
+        else:
+            children, failed = run_grid(spec, caps, exp_id, splits, data_cfg, info["source"])
+        mlflow.log_metrics({"runs_finished": len(children) - len(failed), "runs_failed": len(failed)})
+    if failed:
+        raise PipelineError(f"{len(failed)} of {len(children)} runs failed ({'; '.join(failed)}); the "
+                            f"others are recorded in experiment '{name}'")
+    return {"experiment": name, "parent_run_id": parent.info.run_id, "run_ids": children}
+
+
+def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: DataConfig, source: str):
+    """One nested run per grid point; returns the run ids and a description of each failed point."""
+    tensors = Tensors.from_splits(splits)  # converted once, shared by every run
+    run_ids, failed = [], []
+    for i, point in enumerate(spec.grid, start=1):
+        name = point_name(point) or spec.name
+        print(f"[experiment {spec.name}] run {i}/{len(spec.grid)}: {name}")
+        tags = {FILE_TAG: spec.path, POINT_TAG: json.dumps(point)}
+        try:
+            with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=tags) as run:
+                run_ids.append(run.info.run_id)
+                tracking.log_new_params(dataclasses.asdict(data_cfg))
+                tracking.log_datasets(splits, source)
+                if spec.entry_point == "stability":
+                    cfg = capped(StabilityConfig(**spec.params, **point), caps,
+                                 fit_epochs=caps.max_epochs, steps=caps.max_steps)
+                    run_stability(cfg, splits, tensors)
+                else:
+                    cfg = capped(TrainConfig(**spec.params, **point), caps, epochs=caps.max_epochs)
+                    _, model_info = train(cfg, splits, tensors=tensors)
+                    evaluate_on_test(model_info.model_uri, splits)  # the kept (best val) model on test
+        except DivergedError as e:  # the run has ended FAILED with the reason as a tag; go on
+            failed.append(f"{name}: {e.message}")
+    return run_ids, failed
+
+
+def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path) -> str:
+    """The study, through the tune module, in a nested run that becomes the trials' parent."""
+    from pipeline.steps.tune import run_study  # Optuna, only for tune files
+
+    tune_values, space_values = split_study(spec.study)
+    tune_cfg = capped(TuneConfig(**tune_values), caps, trials=caps.max_trials)
+    space = capped(SearchSpace(**space_values), caps, epochs_high=caps.max_epochs, epochs_low=caps.max_epochs)
+    if caps.active:
+        # A study on a data slice must neither join the real study nor register its model as champion.
+        tune_cfg = dataclasses.replace(tune_cfg, study_name=tune_cfg.study_name + SMOKE_SUFFIX, test_best=False)
+    with mlflow.start_run(experiment_id=exp_id, run_name="tune", nested=True, tags={FILE_TAG: spec.path}) as run:
+        run_study(tune_cfg, space, str(prepared_path))
+    return run.info.run_id
+
+
+@click.command("experiment")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@options_from(ExperimentOptions)
+def experiment_command(file, smoke):
+    """Run an experiment file (experiments/*.yaml): every grid point or the study, as MLflow runs."""
+    spec = load_spec(file)  # a bad file fails here, naming the line, before anything runs
+    result = run_experiment(spec, SMOKE if smoke else Caps())
+    click.echo(f"{len(result['run_ids'])} run(s) in experiment '{result['experiment']}' (parent run "
+               f"{result['parent_run_id']}); compare them: python -m pipeline report {result['experiment']}")

@@ -1,0 +1,70 @@
+"""Step ``train``: the seed model trained with one set of settings; params, curves and the model logged.
+
+The loop itself is plain PyTorch (``pipeline.core.training.fit``); this step wraps MLflow around it: the
+settings as params, one batched metrics call per epoch, the curves figure, the best epoch's model.
+Optuna's trials (``pipeline.support.trials``) and experiment files train through ``train`` too.
+"""
+
+from dataclasses import asdict
+
+import click
+import mlflow
+from tqdm import tqdm
+
+from pipeline.cli import make_config, options_from
+from pipeline.config import DataInput, TrainConfig
+from pipeline.core.model import build_model
+from pipeline.core.splits import Splits
+from pipeline.core.training import DivergedError, FitResult, Tensors, fit
+from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG
+from pipeline.support import figures, tracking
+
+
+def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
+          progress: bool = True, on_epoch=None) -> tuple[FitResult, object]:
+    """Train the seed model with ``cfg`` and log params, curves, best epoch and the model.
+
+    ``on_epoch`` lets a caller (Optuna's pruner) see each epoch after it is logged. Returns the fit
+    result and MLflow's ModelInfo. A diverging run is tagged with the reason and raises, so the run
+    ends FAILED with a clear message.
+    """
+    tensors = tensors or Tensors.from_splits(splits)
+    tracking.log_new_params(asdict(cfg))
+    bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
+
+    def after_epoch(metrics: dict) -> None:
+        # synchronous, so a crash loses no finished epoch (asynchronous logging measured no faster here)
+        tracking.log_epoch(metrics)
+        bar.update()
+        bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_accuracy")})
+        if on_epoch is not None:
+            on_epoch(metrics)
+
+    try:
+        result = fit(build_model(cfg.seed), tensors, cfg, on_epoch=after_epoch)
+    except DivergedError as e:
+        tracking.log_epoch(e.metrics)  # the NaN/inf epoch shows in the curves too
+        mlflow.set_tag(FAILURE_TAG, e.message)
+        raise
+    finally:
+        bar.close()
+    mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
+    model_info = tracking.log_model(result.model, splits.val_x[:4], step=result.best_epoch)
+    summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
+               "epochs_run": len(result.history)}
+    mlflow.log_metrics(summary, model_id=model_info.model_id)
+    mlflow.set_tags({STOPPED_EARLY_TAG: result.stopped_early, MODEL_URI_TAG: model_info.model_uri})
+    return result, model_info
+
+
+@click.command("train")
+@options_from(TrainConfig, DataInput)
+def train_command(data, **options):
+    """Train the softmax regression and log curves and the model."""
+    cfg = make_config(TrainConfig, options)
+    with mlflow.start_run(run_name="train") as run:
+        tracking.log_new_params({"data": data})
+        splits = tracking.load_data(data)
+        result, model_info = train(cfg, splits)
+    click.echo(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
+               f"model: {model_info.model_uri} (runs:/{run.info.run_id}/model)")

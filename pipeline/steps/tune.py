@@ -1,0 +1,80 @@
+"""Step ``tune``: an Optuna study of learning rate, epochs and weight decay, chosen on the validation split.
+
+How a study runs (``run_study``), inside the MLflow run of the ``tune`` command (the parent run):
+
+1. open the study in its storage, or create it (``pipeline.support.optuna_storage``); a new study gets
+   the book's seed recipe as its first trial, so the search can never report worse than the baseline;
+2. one or more workers take trials until the study holds ``trials`` of them (``pipeline.support.trials``,
+   ``pipeline.support.workers``). Workers may be processes on this machine (``--workers``) or other
+   machines running the same command against the same database; each trial is a nested MLflow run;
+3. the parent run records the best trial, a table of all trials and the study's figures
+   (``pipeline.support.study_record``);
+4. the best trial's model is tested and registered (``final_test``).
+"""
+
+import contextlib
+import warnings
+from dataclasses import asdict
+
+import click
+import mlflow
+import optuna
+
+from pipeline.cli import make_config, options_from
+from pipeline.config import DataInput, SearchSpace, TuneConfig
+from pipeline.core.splits import Splits
+from pipeline.names import MODEL_URI_ATTR, STUDY_TAG
+from pipeline.steps.evaluate import evaluate_on_test
+from pipeline.support import tracking
+from pipeline.support.optuna_storage import open_storage, open_study, printable_url
+from pipeline.support.registry import promote_if_better
+from pipeline.support.study_record import describe, log_figures, log_trials_table, record_best
+from pipeline.support.workers import interrupts_raise_keyboard_interrupt, run_workers
+
+
+def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
+    """Test metrics of the best model (in a nested "evaluate" run), and register it if it is better."""
+    with mlflow.start_run(run_name="evaluate", nested=True,
+                          experiment_id=mlflow.active_run().info.experiment_id):
+        result = evaluate_on_test(model_uri, splits)
+        promote_if_better(model_uri, val_accuracy)
+    metrics = {k: result[k] for k in ("test_accuracy", "test_loss")}
+    mlflow.log_metrics({f"best_{k}": v for k, v in metrics.items()})  # on the parent, beside best_val_accuracy
+    return metrics
+
+
+def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna.Study:
+    """Run (or resume) the study, record it on the active MLflow run, test and register the best.
+
+    Called inside ``mlflow.start_run()`` like the other steps (one is opened if none is active).
+    """
+    tune_cfg.validate()
+    space.validate()
+    own_run = mlflow.start_run(run_name="tune") if mlflow.active_run() is None else contextlib.nullcontext()
+    with own_run, interrupts_raise_keyboard_interrupt():
+        parent = mlflow.active_run().info
+        tracking.log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),
+                                 **asdict(space), "data": data_uri})
+        mlflow.set_tag(STUDY_TAG, tune_cfg.study_name)
+        splits = tracking.load_data(data_uri)
+        study = open_study(tune_cfg, space, open_storage(tune_cfg))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # trials whose worker died since (SQL storages)
+        run_workers(tune_cfg, space, splits, parent)
+        log_trials_table(study)
+        log_figures(study)
+        best = record_best(study)
+        if tune_cfg.test_best:
+            final_test(best.user_attrs[MODEL_URI_ATTR], best.value, splits)
+    return study
+
+
+@click.command("tune")
+@options_from(TuneConfig, SearchSpace, DataInput)
+def tune_command(data, **options):
+    """Search lr, epochs and weight decay with Optuna; test and register the best model."""
+    space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options)
+    with mlflow.start_run(run_name=f"tune {cfg.study_name}"):
+        study = run_study(cfg, space, data)
+    click.echo(describe(study))

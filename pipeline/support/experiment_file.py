@@ -1,0 +1,176 @@
+"""The experiment-file format (``experiments/*.yaml``), checked line by line before anything runs.
+
+A file names the MLflow experiment, the entry point, its fixed parameters, and either a grid of values
+(one MLflow run per combination) or an Optuna study spec::
+
+    experiment: overfitting            # the MLflow experiment the runs go to
+    entry_point: train                 # train | stability | tune
+    description: why this experiment exists
+    data: {val_size: 10000}            # optional: DataConfig fields
+    params: {epochs: 100, patience: 0} # the entry point's config fields, the same for every run
+    grid: {lr: [0.1, 1.0]}             # one run per combination; a list of such mappings is run one after
+                                       # the other (scikit-learn's ParameterGrid convention)
+    study: {trials: 20, lr_high: 3.0}  # tune only, instead of params/grid: TuneConfig + SearchSpace fields
+
+Why the checking is hand-made: a typo such as ``lrr: 0.1`` must not silently train with the default.
+Each problem is reported as ``experiments/x.yaml line 7: ...`` (``pipeline.support.yaml_nodes``); the
+allowed keys and their types come from the config dataclasses themselves, so a new config field is
+accepted here without touching this module.
+"""
+
+import dataclasses
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import DataConfig, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
+from pipeline.errors import PipelineError
+from pipeline.support.yaml_nodes import FileProblem, check_known, mapping_items, typed_mapping, typed_value
+
+TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study")
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """A checked experiment file."""
+
+    path: str
+    name: str  # the MLflow experiment
+    entry_point: str
+    description: str = ""
+    data: DataConfig = DataConfig()
+    params: dict = field(default_factory=dict)  # fixed config fields of every run
+    grid: list[dict] = field(default_factory=lambda: [{}])  # one dict of field overrides per run
+    study: dict = field(default_factory=dict)  # tune only: TuneConfig and SearchSpace fields
+
+
+ENTRY_POINT_CONFIGS = {  # the config dataclasses whose fields an entry point's params/grid (tune: study) may set
+    "train": (TrainConfig,),
+    "stability": (StabilityConfig,),
+    "tune": (TuneConfig, SearchSpace),
+}
+ENTRY_POINTS = tuple(ENTRY_POINT_CONFIGS)
+
+
+def entry_point_fields(entry_point: str) -> dict[str, type]:
+    return {f.name: f.type for cls in ENTRY_POINT_CONFIGS[entry_point] for f in dataclasses.fields(cls)}
+
+
+def grid_points(node: yaml.Node, fields: dict[str, type], problem: FileProblem) -> list[tuple[dict, yaml.Node]]:
+    """Expand ``grid`` (a mapping of lists, or a list of them) into one (overrides, node) per run."""
+    grids = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    if not grids:
+        raise problem(node, "grid is an empty list; remove it for a single run")
+    points = []
+    for grid in grids:
+        items = mapping_items(grid, problem, "grid")
+        check_known(items, list(fields), problem, "grid")
+        values = {}
+        for key, (_, value_node) in items.items():
+            if not isinstance(value_node, yaml.SequenceNode) or not value_node.value:
+                raise problem(value_node, f"grid.{key} must be a non-empty list of values, e.g. [0.1, 1.0]")
+            values[key] = [typed_value(v, fields[key], problem, f"grid.{key}") for v in value_node.value]
+        points += [(dict(zip(values, combo)), grid) for combo in itertools.product(*values.values())]
+    return points
+
+
+# ---------------------------------------------------------------------------------------------------
+# The whole file
+
+
+def load_spec(path) -> ExperimentSpec:
+    """Parse and check an experiment file; every problem names the file and the line."""
+    path = Path(path)
+    try:
+        root = yaml.compose(path.read_text())
+    except OSError as e:
+        raise PipelineError(f"cannot read experiment file {path}: {e}")
+    except yaml.YAMLError as e:
+        raise PipelineError(f"{path} is not valid YAML: {e}")
+    problem = FileProblem(path)
+    if root is None:
+        raise PipelineError(f"{path} is empty; see experiments/seed_baseline.yaml for the format")
+    top = mapping_items(root, problem, "the file")
+    check_known(top, TOP_LEVEL_KEYS, problem, "the file")
+    for key in ("experiment", "entry_point"):
+        if key not in top:
+            raise problem(root, f"missing required key '{key}'")
+    text = {k: typed_value(top[k][1], str, problem, k) for k in ("experiment", "entry_point", "description")
+            if k in top}
+    if not text["experiment"].strip():
+        raise problem(top["experiment"][1], "experiment (the MLflow experiment name) must not be empty")
+    entry_point = text["entry_point"]
+    if entry_point not in ENTRY_POINTS:
+        raise problem(top["entry_point"][1],
+                      f"unknown entry point '{entry_point}' (known: {', '.join(ENTRY_POINTS)})")
+    fields = entry_point_fields(entry_point)
+    data = DataConfig()
+    if "data" in top:
+        data_fields = {f.name: f.type for f in dataclasses.fields(DataConfig)}
+        data = validated(DataConfig, typed_mapping(top["data"][1], data_fields, problem, "data"),
+                         problem, [top["data"][1]], top["data"][0])
+    spec = ExperimentSpec(path=str(path), name=text["experiment"], entry_point=entry_point,
+                          description=text.get("description", ""), data=data)
+    if entry_point == "tune":
+        return tune_spec(spec, top, fields, problem, root)
+    return grid_spec(spec, top, fields, problem)
+
+
+def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProblem) -> ExperimentSpec:
+    """train/stability: fixed params and an optional grid, every combination checked now, before any run."""
+    if "study" in top:
+        raise problem(top["study"][0], f"'study' is for entry point tune only; {spec.entry_point} takes "
+                      "params and grid")
+    params = typed_mapping(top["params"][1], fields, problem, "params") if "params" in top else {}
+    points = grid_points(top["grid"][1], fields, problem) if "grid" in top else [({}, None)]
+    (cls,) = ENTRY_POINT_CONFIGS[spec.entry_point]
+    params_nodes = top.get("params") or top["entry_point"]  # (key, value) where params problems point
+    for point, node in points:
+        both = set(point) & set(params)
+        if both:
+            raise problem(node, f"{', '.join(sorted(both))} set in both params and grid; keep one")
+        context = f" (grid point {point_name(point)})" if point else ""
+        validated(cls, {**params, **point}, problem, [node, params_nodes[1]], node or params_nodes[0], context)
+    return dataclasses.replace(spec, params=params, grid=[point for point, _ in points])
+
+
+def tune_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProblem, root) -> ExperimentSpec:
+    for key in ("params", "grid"):
+        if key in top:
+            raise problem(top[key][0], f"entry point tune takes a 'study' section, not '{key}'")
+    if "study" not in top:
+        raise problem(root, "entry point tune needs a 'study' section (TuneConfig and SearchSpace fields)")
+    study = typed_mapping(top["study"][1], fields, problem, "study")
+    for cls, values in zip(ENTRY_POINT_CONFIGS["tune"], split_study(study)):
+        validated(cls, values, problem, [top["study"][1]], top["study"][0])
+    return dataclasses.replace(spec, study=study, grid=[])
+
+
+def split_study(study: dict) -> tuple[dict, dict]:
+    """The study section's keys for the tune module's TuneConfig and for its SearchSpace."""
+    return tuple({k: v for k, v in study.items() if k in {f.name for f in dataclasses.fields(cls)}}
+                 for cls in ENTRY_POINT_CONFIGS["tune"])
+
+
+def validated(cls, values: dict, problem: FileProblem, sections: list, fallback: yaml.Node, context: str = ""):
+    """Build the config a run would get and run its own checks (lr > 0 and so on).
+
+    The error points at the first key of ``sections`` (mapping nodes) that the check's message names,
+    else at ``fallback``.
+    """
+    config = cls(**values)
+    try:
+        config.validate()
+    except ValueError as e:
+        named = [key for section in sections if isinstance(section, yaml.MappingNode)
+                 for key, _ in section.value if re.search(rf"\b{re.escape(key.value)}\b", str(e))]
+        raise problem(named[0] if named else fallback, f"invalid {cls.__name__}{context}: {e}")
+    return config
+
+
+def point_name(point: dict) -> str:
+    """A grid point as a run name: ``lr=1, weight_decay=0.001``."""
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())

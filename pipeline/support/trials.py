@@ -1,0 +1,100 @@
+"""One Optuna trial as one nested MLflow run, and the loop that takes trials until the study is full.
+
+Each trial trains with ``pipeline.steps.train.train`` (so a trial logs exactly what a train run logs)
+and reports every epoch's val accuracy to the pruner.
+"""
+
+import mlflow
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from pipeline.config import SearchSpace, TrainConfig, TuneConfig
+from pipeline.core.splits import Splits
+from pipeline.core.training import DivergedError, Tensors
+from pipeline.names import (BEST_EPOCH_ATTR, FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR,
+                            RUN_ID_ATTR, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG)
+from pipeline.steps.train import train
+from pipeline.support.optuna_storage import open_storage
+from pipeline.support.search import make_pruner, make_sampler, suggest_params
+
+
+def report_to(trial: optuna.Trial):
+    """An ``on_epoch`` callback for steps.train: report val accuracy to the pruner, stop if it says so."""
+
+    def on_epoch(metrics: dict) -> None:
+        trial.report(metrics["val_accuracy"], step=metrics["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: "
+                                     f"val accuracy {metrics['val_accuracy']:.4f}")
+
+    return on_epoch
+
+
+def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: Splits, tensors: Tensors,
+              parent: mlflow.entities.RunInfo) -> float:
+    """Train with the trial's parameters in a nested MLflow run; return the best val accuracy.
+
+    The MLflow run always ends: FINISHED when complete or pruned, FAILED when training diverged,
+    KILLED when interrupted; its tag ``pipeline.trial_state`` holds Optuna's state.
+    """
+    params = suggest_params(trial, space)
+    train_cfg = TrainConfig(**params, batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed)
+    run = mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=parent.experiment_id,
+                           parent_run_id=parent.run_id, nested=True,
+                           tags={STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number)})
+    state, status = TrialState.FAIL, "FAILED"
+    try:
+        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+        result, model_info = train(train_cfg, splits, tensors=tensors, progress=False,
+                                         on_epoch=report_to(trial))
+        trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
+        trial.set_user_attr(BEST_EPOCH_ATTR, result.best_epoch)
+        state, status = TrialState.COMPLETE, "FINISHED"
+        return result.best_val_accuracy
+    except optuna.TrialPruned:
+        state, status = TrialState.PRUNED, "FINISHED"
+        raise
+    except DivergedError as e:  # a failed trial, not a failed study: optimize(catch=...) goes on
+        trial.set_user_attr(FAIL_REASON_ATTR, e.message)
+        raise
+    except KeyboardInterrupt as e:  # no result: this trial's place goes to a new trial on resume
+        reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
+        trial.set_user_attr(INTERRUPTED_ATTR, reason)
+        mlflow.set_tag(FAILURE_TAG, reason)
+        status = "KILLED"
+        raise
+    finally:
+        mlflow.set_tag(TRIAL_STATE_TAG, state.name)
+        mlflow.end_run(status)
+
+
+def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo) -> None:
+    """Take trials until the study holds ``cfg.trials``; any number of these may run at once.
+
+    Trials still running in other workers or on other machines hold their place, so the workers
+    together stop at the total. (Optuna cannot create a trial only if the study is not yet full, so
+    two workers that check within the same few milliseconds could both start one and overshoot by
+    one; with trials lasting seconds this is rare.) Each trial gets a fresh sampler seeded with the seed plus the number
+    of trials so far: one worker gives the same study for the same seed, while workers elsewhere,
+    which would otherwise draw the same random points from the same seed, draw different ones.
+    """
+    # One thread per worker: a 784x10 matrix product gains nothing from more, and threads that
+    # spin-wait for each other run ~10x slower when the cores are shared. Use --workers for more cores.
+    torch.set_num_threads(1)
+    tensors = Tensors.from_splits(splits)  # once per process, shared by all its trials
+    study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg),
+                              pruner=make_pruner(cfg.pruner, space))
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if sum(map(counts_toward_total, trials)) >= cfg.trials:
+            return
+        study.sampler = make_sampler(cfg.sampler, cfg.seed + len(trials))
+        study.optimize(lambda trial: run_trial(trial, cfg, space, splits, tensors, parent),
+                       n_trials=1, catch=(DivergedError,))
+
+
+def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
+    """Every trial counts toward ``--trials`` (running ones hold their place) except failed trials
+    without a result, i.e. interrupted or whose worker died: their place is taken by a new trial."""
+    return trial.state != TrialState.FAIL or FAIL_REASON_ATTR in trial.user_attrs

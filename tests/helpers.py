@@ -1,0 +1,75 @@
+"""Helpers the tests share: IDX files written by the tests, free ports, child-process environments, servers.
+
+Fixtures live in ``conftest.py`` and use these; test modules import from here, never from conftest.
+"""
+
+import contextlib
+import gzip
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import subprocess_env as child_env  # noqa: F401 (one definition, shared with the benchmarks)
+from pipeline.core.idx import DEBIAN_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_DATA = Path(os.environ.get("FASHION_MNIST_DIR", DEBIAN_DIR))
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> Path:
+    """Write a uint8 array as an IDX file (the format the parser reads), gzipped by default."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    payload = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path = Path(str(path) + ".gz") if compress else Path(path)
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return path
+
+
+def write_fake_dataset(directory: Path, n_train: int = 600, n_test: int = 200, seed: int = 0) -> Path:
+    """Four small IDX files with random images and balanced labels, named like the real ones."""
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8))
+    return directory
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def postgres_server(database: str = "optuna"):
+    """A throwaway PostgreSQL server on loopback (Debian's postgresql package); yields its URL."""
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdb:
+        raise RuntimeError("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: run `.ci/run`, "
+                           "or `apt-get install postgresql`, to install them")
+    bin_dir = initdb[-1].parent
+    home = Path(tempfile.mkdtemp(prefix="pg-"))  # under /tmp: pytest's tmp_path is closed to other users
+    # The server refuses to run as root: then it runs as the postgres user, which must own its folder.
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if as_postgres:
+        shutil.chown(home, "postgres", "postgres")
+    port, data = free_port(), home / "data"
+
+    def pg(tool, *args):
+        subprocess.run([*as_postgres, str(bin_dir / tool), *args], check=True, capture_output=True)
+
+    pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+    pg("pg_ctl", "-D", str(data), "-l", str(home / "log"), "-w", "start",
+       "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off")
+    try:
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", database)
+        yield f"postgresql://postgres@127.0.0.1:{port}/{database}"
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "fast", "-w", "stop")
+        shutil.rmtree(home)

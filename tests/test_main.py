@@ -1,0 +1,98 @@
+"""`main`: prepare -> train -> evaluate -> register as child runs, reusing finished steps."""
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+
+from pipeline.steps.main import entry_point_defaults, step_parameters
+from pipeline.errors import PipelineError
+from tests.helpers import REPO, child_env
+
+
+def test_step_parameters_are_complete_strings_and_checked():
+    params = step_parameters("train", {"lr": 0.5, "augment": True, "data": "runs:/x/prepared"})
+    assert params["lr"] == "0.5" and params["augment"] == "true" and params["epochs"] == "10"
+    with pytest.raises(PipelineError, match="no parameter"):
+        step_parameters("train", {"learning_rate": 0.5})
+
+
+def runs_of(entry_point):
+    return mlflow.search_runs(search_all_experiments=True,
+                              filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'")
+
+
+SCENARIO = {"first": [], "second": [], "third": ["lr=0.3"], "forced": ["lr=0.3", "force=true"]}
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    """``main`` run four times on one store, as in SCENARIO; after each: its main run and the runs per step.
+
+    Run once for the module, so that each test below checks one promise and a failure hides no other.
+    """
+    home = tmp_path_factory.mktemp("main")
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    env = child_env(uri)
+    mlflow.set_tracking_uri(uri)
+    seen = {}
+    for name, params in SCENARIO.items():
+        args = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local",
+                "-P", "trials=0", "-P", "limit=1000", "-P", "epochs=2"]
+        for p in params:
+            args += ["-P", p]
+        done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=home)
+        assert done.returncode == 0, done.stderr[-4000:]
+        seen[name] = {"main": runs_of("main").iloc[0],  # the newest main run
+                      **{step: len(runs_of(step)) for step in ("prepare", "train", "evaluate")}}
+    seen["children"] = mlflow.search_runs(search_all_experiments=True,
+                                          filter_string=f"tags.mlflow.parentRunId = '{seen['first']['main'].run_id}'")
+    seen["champion"] = MlflowClient().get_model_version_by_alias("fashion-mnist-softmax", "champion")
+    seen["train_runs"] = runs_of("train")
+    yield seen
+
+
+@pytest.mark.slow
+def test_main_chains_three_child_steps(scenario):
+    first = scenario["first"]["main"]
+    children = scenario["children"]
+    assert sorted(children["tags.mlflow.project.entryPoint"]) == ["evaluate", "prepare", "train"]
+    assert (children.status == "FINISHED").all()
+    assert first["metrics.test_accuracy"] > 0.6 and first["metrics.val_accuracy"] > 0.6
+    assert first["tags.pipeline.step.train.reused"] == "False"
+
+
+@pytest.mark.slow
+def test_data_travels_by_the_prepare_runs_artifact_uri(scenario):
+    first = scenario["first"]["main"]
+    train = scenario["train_runs"].iloc[-1]  # the oldest train run: the first main's
+    assert train["params.data"] == f"runs:/{first['tags.pipeline.step.prepare']}/prepared"
+    assert int(scenario["champion"].version) == 1
+
+
+@pytest.mark.slow
+def test_an_identical_main_reuses_every_step(scenario):
+    first, second = scenario["first"]["main"], scenario["second"]["main"]
+    for step in ("prepare", "train", "evaluate"):
+        assert scenario["second"][step] == 1, f"{step} ran again"
+        assert second[f"tags.pipeline.step.{step}.reused"] == "True"
+        assert second[f"tags.pipeline.step.{step}"] == first[f"tags.pipeline.step.{step}"]
+    assert second["metrics.test_accuracy"] == first["metrics.test_accuracy"]
+    assert "already is the champion" in second["tags.pipeline.champion_decision"]
+
+
+@pytest.mark.slow
+def test_a_changed_learning_rate_reruns_train_and_evaluate_only(scenario):
+    third = scenario["third"]
+    assert third["prepare"] == 1 and third["main"]["tags.pipeline.step.prepare.reused"] == "True"
+    assert third["train"] == 2 and third["evaluate"] == 2
+    assert third["main"]["tags.pipeline.step.train.reused"] == "False"
+
+
+@pytest.mark.slow
+def test_force_reruns_every_step(scenario):
+    forced = scenario["forced"]
+    assert forced["prepare"] == 2 and forced["train"] == 3
+    assert forced["main"]["tags.pipeline.step.prepare.reused"] == "False"
