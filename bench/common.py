@@ -8,7 +8,6 @@ line for scripts and as a table for people; ``save`` merges it into ``bench/resu
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,10 +35,6 @@ class Result:
         """Record whether ``value`` meets a target of the issue (``at_least`` limit, or at most)."""
         met = value >= limit if at_least else value <= limit
         self.targets[name] = {"target": text, "value": round(value, 4), "met": bool(met)}
-
-
-def median(values) -> float:
-    return statistics.median(values)
 
 
 def timed(fn, *args, **kwargs) -> tuple[float, object]:

@@ -16,6 +16,7 @@ import gzip
 import math
 import tempfile
 import time
+from statistics import median
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from torch import nn
 from torch.utils import data as tud
 from torchvision import datasets, transforms
 
-from bench.common import Result, median, timed
+from bench.common import Result, timed
 from pipeline.config import DataConfig, TrainConfig
 from pipeline.core.idx import locate_raw_files
 from pipeline.core.model import build_model

@@ -34,7 +34,7 @@ def trained(mlflow_store, real_slice):
     return train_model(real_slice[0], epochs=3)
 
 
-def test_evaluate_step_logs_metrics_table_and_figures(trained, real_slice):
+def test_evaluate_on_test_logs_metrics_table_and_figures(trained, real_slice):
     splits = real_slice[0]
     result, info = trained
     with mlflow.start_run() as run:
