@@ -43,22 +43,32 @@ def cli():
     """Fashion-MNIST softmax regression (d2l §3.7) as a tracked, tunable MLflow pipeline."""
 
 
-def option_for(field: dataclasses.Field):
-    """``--field-name`` with the field's type, default and help; a field without a default is required."""
+def option_for(field: dataclasses.Field, only: tuple[str, ...] = ()):
+    """``--field-name`` with the field's type, default and help; a field without a default is required.
+
+    The fields named in ``only`` also answer to ``--field_name``: MLflow passes a -P parameter that an
+    entry point does not declare as ``--<name as typed> <value>`` (see MLproject's ``main``).
+    """
     meta = field.metadata
     kind = click.Choice(meta["choices"]) if "choices" in meta else field.type
     required = field.default is dataclasses.MISSING
-    return click.option("--" + field.name.replace("_", "-"), field.name, type=kind, required=required,
+    names = ["--" + field.name.replace("_", "-")]
+    if field.name in only and "_" in field.name:
+        names.append("--" + field.name)
+    return click.option(*names, field.name, type=kind, required=required,
                         default=None if required else field.default, show_default=not required,
                         help=meta.get("help"))
 
 
-def options_from(*classes):
-    """Decorate a command with one option per field of each config dataclass, in field order."""
+def options_from(*classes, undeclared: tuple[str, ...] = ()):
+    """Decorate a command with one option per field of each config dataclass, in field order.
+
+    ``undeclared``: fields its MLproject entry point leaves out; they also take MLflow's spelling.
+    """
     def decorate(command):
         for cls in reversed(classes):
             for field in reversed(dataclasses.fields(cls)):
-                command = option_for(field)(command)
+                command = option_for(field, undeclared)(command)
         return command
     return decorate
 

@@ -182,6 +182,14 @@ class MainConfig:
         check(field_problems(self))
 
 
+# main's settings that act in one mode only. With trials > 0 the study chooses lr, epochs and weight
+# decay and its trials use tune's patience; with trials = 0 no study runs. MLproject's main does not
+# declare them, so `mlflow run` logs one only when it is given (-P), and main refuses one given in the
+# mode where it would not act (pipeline.steps.main.refuse_idle_settings) instead of ignoring it.
+MAIN_TRAIN_ONLY = ("lr", "epochs", "weight_decay", "patience", "log_test_curve", "input_dropout", "augment")
+MAIN_STUDY_ONLY = ("storage", "study_name")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Experiment files (pipeline/steps/experiment.py) and the stability experiment
 

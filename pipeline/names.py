@@ -9,6 +9,8 @@ run. Plain strings only: importing this module costs nothing (no torch, MLflow o
 MODEL_NAME = "fashion-mnist-softmax"  # the registered model
 CHAMPION = "champion"  # alias of the version with the best validation accuracy
 VERSION_VAL_ACCURACY_TAG = "val_accuracy"  # on each model version: what the champion is chosen by
+VERSION_VAL_DIGEST_TAG = "val_digest"  # on each model version: the validation split it was chosen on
+SPLIT_CHAMPION = CHAMPION + "-{}"  # alias of the best version among those validated on one split (its digest)
 
 # --- Artifacts -------------------------------------------------------------------------------------
 PREPARED_ARTIFACT = "prepared"  # the prepare run's folder: runs:/<run_id>/prepared
@@ -36,7 +38,10 @@ CACHE_KEY_TAG = "pipeline.cache_key"
 CACHE_REUSED_TAG = "pipeline.cache_reused"
 CODE_VERSION_TAG = "pipeline.code_version"  # git commit (+ hash of uncommitted changes) of a step
 STEP_TAG = "pipeline.step.{}"  # on main: the run id of each step; + ".reused"
-STUDY_TAG = "pipeline.study_name"
+STUDY_TAG = "pipeline.study_name"  # on trial runs, tune runs and the main run that started the study
+VAL_DIGEST_TAG = "pipeline.val_digest"  # on a training run: digest of the validation split it was chosen on
+DELIVERED_PREFIX = "delivered_"  # main's params delivered_lr, ...: the settings of the model it delivers
+DELIVERED_RUN_TAG = "pipeline.delivered_run_id"  # on main: the run that trained the delivered model
 TRIAL_TAG = "pipeline.trial_number"
 TRIAL_STATE_TAG = "pipeline.trial_state"  # Optuna's state of a trial run: COMPLETE, PRUNED, FAIL
 BEST_MODEL_TAG = "pipeline.best_model_uri"
@@ -57,3 +62,4 @@ FAIL_REASON_ATTR = "fail_reason"  # a failed trial with a result: training diver
 INTERRUPTED_ATTR = "interrupted"  # a failed trial without a result: its place goes to a new trial
 RECIPE_ATTR = "recipe"  # the seed recipe's trial
 STUDY_BEST_MODEL_ATTR = "best_model_uri"  # on the study
+STUDY_DATA_ATTRS = ("train_digest", "val_digest")  # on the study: the data its trials trained and chose on

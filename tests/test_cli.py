@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pipeline.cli import cli, option_for
-from pipeline.config import TrainConfig
+from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, TrainConfig
 from tests.helpers import REPO
 
 ENTRY_POINTS = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
@@ -40,8 +40,13 @@ def test_every_entry_point_is_a_command():
 def test_entry_point_parameters_are_the_commands_options(entry_point):
     command, argv = command_of(entry_point)
     declared = ENTRY_POINTS[entry_point]["parameters"]
-    assert set(declared) == {p.name for p in command.params}, "MLproject and the command name the same settings"
+    undeclared = set(MAIN_TRAIN_ONLY + MAIN_STUDY_ONLY) if entry_point == "main" else set()
+    assert set(declared) == {p.name for p in command.params} - undeclared, \
+        "MLproject and the command name the same settings"
     for param in command.params:
+        if param.name in undeclared:  # passed by MLflow as --<name> <value> when given
+            assert "--" + param.name in param.opts and f"{{{param.name}}}" not in argv, param.name
+            continue
         spec = declared[param.name]
         if isinstance(param, click.Argument):
             assert spec["type"] == "path" and f"{{{param.name}}}" in argv

@@ -16,6 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 import mlflow
 import yaml
 from mlflow import MlflowClient
@@ -23,9 +24,11 @@ from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
 
 from pipeline.cli import make_config, options_from
-from pipeline.config import DataConfig, MainConfig, TrainConfig
+from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.names import BEST_MODEL_TAG, CODE_VERSION_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT, STEP_TAG
+from pipeline.names import BEST_MODEL_TAG, CODE_VERSION_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT, STEP_TAG, STUDY_TAG
+from pipeline.support.delivery import record_delivered
+from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -127,15 +130,23 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     """Run the whole pipeline inside the active (parent) run and return its headline figures."""
     prepare = run_step("prepare", step_parameters("prepare", asdict(data)), cfg.force)
     data_uri = f"runs:/{prepare.info.run_id}/{PREPARED_ARTIFACT}"
+    # main's params: the settings that act in this mode (storage is on the tune run, password hidden)
+    acted = {**asdict(data), "trials": cfg.trials, "force": cfg.force, "seed": train.seed,
+             "batch_size": train.batch_size}
     if cfg.trials > 0:
         # one study per prepared split by default: trials on other data must not mix into it
+        study_name = cfg.study_name or f"main-{prepare.info.run_id}"
+        log_new_params({**acted, "study_name": study_name})
+        mlflow.set_tag(STUDY_TAG, study_name)  # the study's trials carry the same tag
+        print(f"[main] study {study_name!r}; its trials: tags.{STUDY_TAG} = '{study_name}'")
         # the study keeps its own patience (see TuneConfig): SGD's noisy val accuracy needs a longer one
-        overrides = {"study_name": cfg.study_name or f"main-{prepare.info.run_id}", "data": data_uri,
+        overrides = {"study_name": study_name, "data": data_uri,
                      "trials": cfg.trials, "test_best": False, "storage": absolute_sqlite_url(cfg.storage),
                      "seed": train.seed, "batch_size": train.batch_size}
         model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
         model_uri = model_run.data.tags.get(BEST_MODEL_TAG)
     else:
+        log_new_params({**acted, **asdict(train)})
         model_run = run_step("train", step_parameters("train", {**asdict(train), "data": data_uri}), cfg.force)
         model_uri = model_run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
@@ -143,21 +154,37 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     evaluation = run_step("evaluate", step_parameters("evaluate", {"model_uri": model_uri, "data": data_uri}),
                           cfg.force)
     val_accuracy = model_run.data.metrics["best_val_accuracy"]
-    headline = {"val_accuracy": val_accuracy, "test_accuracy": evaluation.data.metrics["test_accuracy"]}
-    if "best_epoch" in model_run.data.metrics:
-        headline["best_epoch"] = model_run.data.metrics["best_epoch"]
+    delivered = record_delivered(model_run)  # delivered_lr, ...: what trained the model, in both modes
+    headline = {"val_accuracy": val_accuracy, "test_accuracy": evaluation.data.metrics["test_accuracy"],
+                "best_epoch": delivered["best_epoch"]}
     mlflow.log_metrics(headline)
     mlflow.set_tag(MODEL_URI_TAG, model_uri)
-    decision = promote_if_better(model_uri, val_accuracy)
+    decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
     return {**headline, "model_uri": model_uri, "registry": decision}
 
 
+def refuse_idle_settings(given: set[str], trials: int) -> None:
+    """Refuse settings given for a mode they do not act in, rather than ignore them silently."""
+    if trials > 0 and given & set(MAIN_TRAIN_ONLY):
+        idle = ", ".join(sorted(given & set(MAIN_TRAIN_ONLY)))
+        raise click.UsageError(
+            f"{idle} would not act with trials={trials}: the study chooses lr, epochs and weight decay itself. "
+            "Pass trials=0 to train once with these settings, or run the tune entry point (mlflow run . -e "
+            "tune) with its search-space options (lr_low/lr_high, epochs_low/epochs_high, wd_low/wd_high, patience)")
+    if trials == 0 and given & set(MAIN_STUDY_ONLY):
+        idle = ", ".join(sorted(given & set(MAIN_STUDY_ONLY)))
+        raise click.UsageError(f"{idle} would not act with trials=0 (no study runs): drop it, or pass trials > 0")
+
+
 @click.command("main")
-@options_from(DataConfig, TrainConfig, MainConfig)
+@options_from(DataConfig, TrainConfig, MainConfig, undeclared=MAIN_TRAIN_ONLY + MAIN_STUDY_ONLY)
 def main_command(**options):
     """Run prepare -> train/tune -> evaluate -> register, reusing finished steps."""
+    context = click.get_current_context()
+    given = {name for name in options if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     data, train = make_config(DataConfig, options), make_config(TrainConfig, options)
     cfg = make_config(MainConfig, options)
+    refuse_idle_settings(given, cfg.trials)
     with mlflow.start_run(run_name="main"):
         result = run_main(data, train, cfg)
     click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}; "

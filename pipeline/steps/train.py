@@ -14,9 +14,9 @@ from tqdm import tqdm
 from pipeline.cli import make_config, options_from
 from pipeline.config import DataInput, TrainConfig
 from pipeline.core.model import build_model
-from pipeline.core.splits import Splits
+from pipeline.core.splits import Splits, array_digest
 from pipeline.core.training import DivergedError, FitResult, Tensors, fit
-from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG
+from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
 from pipeline.support import figures, tracking
 
 
@@ -30,6 +30,8 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     """
     tensors = tensors or Tensors.from_splits(splits)
     tracking.log_new_params(asdict(cfg))
+    # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
+    mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
 
     def after_epoch(metrics: dict) -> None:

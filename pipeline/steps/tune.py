@@ -22,8 +22,8 @@ import optuna
 
 from pipeline.cli import make_config, options_from
 from pipeline.config import DataInput, SearchSpace, TuneConfig
-from pipeline.core.splits import Splits
-from pipeline.names import MODEL_URI_ATTR, STUDY_TAG
+from pipeline.core.splits import Splits, array_digest
+from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_TAG
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.support import tracking
 from pipeline.support.optuna_storage import open_storage, open_study, printable_url
@@ -37,7 +37,7 @@ def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
     with mlflow.start_run(run_name="evaluate", nested=True,
                           experiment_id=mlflow.active_run().info.experiment_id):
         result = evaluate_on_test(model_uri, splits)
-        promote_if_better(model_uri, val_accuracy)
+        promote_if_better(model_uri, val_accuracy, array_digest(splits.val_x, splits.val_y))
     metrics = {k: result[k] for k in ("test_accuracy", "test_loss")}
     mlflow.log_metrics({f"best_{k}": v for k, v in metrics.items()})  # on the parent, beside best_val_accuracy
     return metrics
@@ -57,7 +57,9 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
                                  **asdict(space), "data": data_uri})
         mlflow.set_tag(STUDY_TAG, tune_cfg.study_name)
         splits = tracking.load_data(data_uri)
-        study = open_study(tune_cfg, space, open_storage(tune_cfg))
+        # the study remembers its data and refuses other data: trials on other splits are not comparable
+        digests = dict(zip(STUDY_DATA_ATTRS, (array_digest(*splits.arrays(s)) for s in ("train", "val"))))
+        study = open_study(tune_cfg, space, open_storage(tune_cfg), digests)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # trials whose worker died since (SQL storages)

@@ -84,16 +84,48 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
         )
 
 
-def open_study(cfg: TuneConfig, space: SearchSpace, storage) -> optuna.Study:
-    """Create the study with the seed recipe as its first trial, or resume it if it exists."""
+def open_study(cfg: TuneConfig, space: SearchSpace, storage, data: dict[str, str]) -> optuna.Study:
+    """Create the study with the seed recipe as its first trial, or resume it if it exists.
+
+    ``data``: the digests of the training and validation splits (``STUDY_DATA_ATTRS``). A new study
+    records them; an existing one must have recorded the same, or its trials are not comparable.
+    """
     try:
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="maximize")
     except optuna.exceptions.DuplicatedStudyError:  # resume: never overwrite a study
         study = optuna.load_study(study_name=cfg.study_name, storage=storage)
         if study.direction != optuna.study.StudyDirection.MAXIMIZE:
             raise PipelineError(f"study {cfg.study_name!r} exists but minimizes; pick another --study-name")
+        check_same_data(study, data, printable_url(cfg.storage))
         return study
     # Only the process that created the study gets here (the database enforces unique names), so
     # the seed trial is queued exactly once even when several machines start together.
+    for key, digest in data.items():
+        study.set_user_attr(key, digest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(["val_accuracy"])  # the objective, named in optuna-dashboard and trials.csv
     study.enqueue_trial(seed_recipe_params(space), user_attrs={RECIPE_ATTR: "seed (d2l 3.7)"})
     return study
+
+
+def described(digests: dict) -> str:
+    return ", ".join(f"{k} {v or 'not recorded'}" for k, v in digests.items())
+
+
+def check_same_data(study: optuna.Study, data: dict[str, str], where: str, wait_s: float = 10) -> None:
+    """Refuse to resume ``study`` on data other than its own (digests of the train and val splits)."""
+    recorded = {k: study.user_attrs.get(k) for k in data}
+    deadline = time.monotonic() + wait_s
+    # A study created a moment ago by another worker records its data right after creation, and
+    # queues its first trial after that: an empty study without the record is waited for.
+    while not any(recorded.values()) and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.2)
+        recorded = {k: study.user_attrs.get(k) for k in data}
+    if recorded == data:
+        return
+    raise PipelineError(
+        f"study {study.study_name!r} in {where} was run on other data ({described(recorded)}) than this "
+        f"({described(data)}): its trials' val accuracies are not comparable with new ones. Pick another "
+        "--study-name, or pass the data the study was run on"
+    )

@@ -1,9 +1,10 @@
 """The Optuna search: the space of learning rate, epochs and weight decay, samplers and pruners.
 
-Weight decay and zero: Optuna's log-uniform range cannot contain 0, so every trial draws two parameters,
-``use_weight_decay`` (True/False) and ``weight_decay`` (log-uniform), and trains with
-``weight_decay if use_weight_decay else 0``. Both are drawn in every trial, not one inside the other,
-so that parameter importances and the parallel-coordinate plot see them in every trial.
+Weight decay and zero: Optuna's log-uniform range cannot contain 0, so every trial draws
+``use_weight_decay`` (True/False), and only a trial that drew True draws ``weight_decay`` (log-uniform).
+The study then records what each trial trained with: a trial without weight decay has no
+``weight_decay`` parameter, rather than a value it never used (figures show it only for trials that
+used it).
 """
 
 import warnings
@@ -14,10 +15,16 @@ from pipeline.config import SearchSpace, TrainConfig
 
 
 def seed_recipe_params(space: SearchSpace) -> dict:
-    """The book's recipe (TrainConfig's defaults) as trial parameters: the study's first trial."""
+    """The book's recipe (TrainConfig's defaults) as trial parameters: the study's first trial.
+
+    Its epochs are capped to the space's ``epochs_high``: a study searching at most 2 epochs (a smoke
+    run) must not spend 10 on its first trial.
+    """
     seed = TrainConfig()
-    return {"lr": seed.lr, "epochs": seed.epochs, "use_weight_decay": seed.weight_decay > 0,
-            "weight_decay": seed.weight_decay or space.wd_low}  # unused while use_weight_decay is False
+    params = {"lr": seed.lr, "epochs": min(seed.epochs, space.epochs_high), "use_weight_decay": seed.weight_decay > 0}
+    if seed.weight_decay > 0:
+        params["weight_decay"] = seed.weight_decay
+    return params
 
 
 def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict:
@@ -25,12 +32,15 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict:
     lr = trial.suggest_float("lr", space.lr_low, space.lr_high, log=True)
     epochs = trial.suggest_int("epochs", space.epochs_low, space.epochs_high)
     use_weight_decay = trial.suggest_categorical("use_weight_decay", [False, True])
-    weight_decay = trial.suggest_float("weight_decay", space.wd_low, space.wd_high, log=True)
-    return {"lr": lr, "epochs": epochs, "weight_decay": weight_decay if use_weight_decay else 0.0}
+    weight_decay = 0.0
+    if use_weight_decay:  # drawn only when used, so the study records what the trial trained with
+        weight_decay = trial.suggest_float("weight_decay", space.wd_low, space.wd_high, log=True)
+    return {"lr": lr, "epochs": epochs, "weight_decay": weight_decay}
 
 
 def training_params(params: dict) -> dict:
-    """What a finished trial trained with, from its Optuna parameters."""
+    """What a finished trial trained with, from its Optuna parameters (older studies drew weight_decay
+    in every trial, also when ``use_weight_decay`` was False and training used 0)."""
     return {"lr": params["lr"], "epochs": params["epochs"],
             "weight_decay": params["weight_decay"] if params["use_weight_decay"] else 0.0}
 

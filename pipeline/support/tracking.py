@@ -22,6 +22,7 @@ from pipeline.config import IMAGE_SIZE, NUM_CLASSES, DataConfig
 from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits, to_tensor
 from pipeline.errors import PipelineError
 from pipeline.names import DATASET_CONTEXTS, MODEL_ARTIFACT
+from pipeline.support.params import log_new_params  # noqa: F401 (the steps call it as tracking.log_new_params)
 
 
 @functools.cache
@@ -113,16 +114,3 @@ def load_model(model_uri: str):
 def logged_model_id(model_uri: str) -> str | None:
     """The MLflow 3 LoggedModel id behind a model URI, so metrics can be linked to the model."""
     return mlflow.models.get_model_info(model_uri).model_id
-
-
-def log_new_params(params: dict) -> None:
-    """Log params the active run does not hold yet.
-
-    Under ``mlflow run`` the project has already logged its -P values as typed on the command line
-    ("1e-1"), and MLflow refuses to change a param, so ours ("0.1") must not overwrite them.
-    """
-    run = mlflow.active_run()
-    logged = mlflow.get_run(run.info.run_id).data.params
-    new = {k: "" if v is None else v for k, v in params.items() if k not in logged}
-    if new:
-        mlflow.log_params(new)

@@ -22,9 +22,16 @@ from pipeline.support.search import make_pruner, make_sampler, suggest_params
 def report_to(trial: optuna.Trial):
     """An ``on_epoch`` callback for steps.train: report val accuracy to the pruner, stop if it says so."""
 
+    best = {"best_val_accuracy": -1.0, "best_epoch": 0}
+
     def on_epoch(metrics: dict) -> None:
         trial.report(metrics["val_accuracy"], step=metrics["epoch"])
+        if metrics["val_accuracy"] > best["best_val_accuracy"]:
+            best.update(best_val_accuracy=metrics["val_accuracy"], best_epoch=metrics["epoch"])
         if trial.should_prune():
+            # what the trial reached before it was stopped: without it MLflow's compare view would
+            # draw the pruned run without a best_val_accuracy, at the top of that axis
+            mlflow.log_metrics({**best, "pruned_at_epoch": metrics["epoch"], "epochs_run": metrics["epoch"]})
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: "
                                      f"val accuracy {metrics['val_accuracy']:.4f}")
 
@@ -96,5 +103,8 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
 
 def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
     """Every trial counts toward ``--trials`` (running ones hold their place) except failed trials
-    without a result, i.e. interrupted or whose worker died: their place is taken by a new trial."""
+    without a result, i.e. interrupted or whose worker died: their place is taken by a new trial; and
+    queued ones (the seed recipe), which have not started: with ``--trials 1`` the seed trial must run."""
+    if trial.state == TrialState.WAITING:
+        return False
     return trial.state != TrialState.FAIL or FAIL_REASON_ATTR in trial.user_attrs
