@@ -172,8 +172,8 @@ class TuneConfig:
 class MainConfig:
     """``main``'s own settings; it also takes every DataConfig and TrainConfig setting."""
 
-    trials: int = setting(20, "Optuna trials; 0 = train the seed recipe (the train options) instead of a study.",
-                          minimum=0)
+    trials: int = setting(20, "Optuna trials; 0 = train once with the train options (refused with a study, "
+                              "which chooses lr, epochs and weight decay itself).", minimum=0)
     storage: str = setting(DEFAULT_STORAGE, "Optuna storage URL (a relative sqlite path is taken from here).")
     study_name: str = setting("", "Optuna study to create or resume; empty: one per prepared split.")
     force: bool = setting(False, "Re-run every step even if an identical finished run exists.")

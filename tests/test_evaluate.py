@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.cli import cli
 from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.core.metrics import predict_logits
+from pipeline.core.splits import array_digest
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.train import train
@@ -64,23 +65,27 @@ def test_bad_model_uri_is_a_clear_error(mlflow_store):
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
+def val_digest(splits) -> str:
+    return array_digest(splits.val_x, splits.val_y)
+
+
 def test_champion_moves_only_on_better_validation_accuracy(mlflow_store, real_slice):
     splits = real_slice[0]
     good, good_info = train_model(splits, epochs=3)
     worse, worse_info = train_model(splits, epochs=1, lr=0.001)
     assert worse.best_val_accuracy < good.best_val_accuracy
-    first = promote_if_better(good_info.model_uri, good.best_val_accuracy)
+    first = promote_if_better(good_info.model_uri, good.best_val_accuracy, val_digest(splits))
     assert first["promoted"] and first["version"] == 1
-    second = promote_if_better(worse_info.model_uri, worse.best_val_accuracy)
+    second = promote_if_better(worse_info.model_uri, worse.best_val_accuracy, val_digest(splits))
     assert not second["promoted"] and "does not beat" in second["reason"]
     client = MlflowClient()
     assert int(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == 1
     # registering the same model again reuses its version instead of adding one
-    again = promote_if_better(good_info.model_uri, good.best_val_accuracy)
+    again = promote_if_better(good_info.model_uri, good.best_val_accuracy, val_digest(splits))
     assert again["version"] == 1 and len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 2
     better, better_info = train_model(splits, epochs=6, lr=0.3)
     assert better.best_val_accuracy > good.best_val_accuracy
-    assert promote_if_better(better_info.model_uri, better.best_val_accuracy)["promoted"]
+    assert promote_if_better(better_info.model_uri, better.best_val_accuracy, val_digest(splits))["promoted"]
     assert int(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == 3
 
 
@@ -119,7 +124,7 @@ def test_predict_on_test_split(trained, real_slice):
 def test_served_champion_answers_like_evaluate(trained, real_slice, subprocess_env):
     splits = real_slice[0]
     result, info = trained
-    promote_if_better(info.model_uri, result.best_val_accuracy)
+    promote_if_better(info.model_uri, result.best_val_accuracy, val_digest(splits))
     with mlflow.start_run():
         expected = evaluate_on_test(f"models:/{MODEL_NAME}@{CHAMPION}", splits)["predictions"]
     port = free_port()

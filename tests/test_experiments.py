@@ -143,6 +143,7 @@ def test_every_experiment_file_runs_shortened(path, mlflow_store, real_data_dir)
         (tune_run,) = runs
         trials = children(tune_run.info.run_id, result["experiment"])
         assert len(trials) == SMOKE.max_trials
+        assert all(t.data.metrics["epochs_run"] <= SMOKE.max_epochs for t in trials)  # the seed trial too
         assert "best_val_accuracy" in tune_run.data.metrics
         return
     assert len(runs) == len(spec.grid)

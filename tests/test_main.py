@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
@@ -96,3 +97,13 @@ def test_force_reruns_every_step(scenario):
     forced = scenario["forced"]
     assert forced["prepare"] == 2 and forced["train"] == 3
     assert forced["main"]["tags.pipeline.step.prepare.reused"] == "False"
+
+
+@pytest.mark.slow
+def test_main_records_the_settings_it_trained_with(scenario):
+    """-P lr=0.3 (undeclared by MLproject's main) reaches train and is logged; the ones not given, too."""
+    params = scenario["third"]["main"].filter(like="params.")
+    assert params["params.lr"] == params["params.delivered_lr"] == "0.3"
+    assert params["params.epochs"] == params["params.delivered_epochs"] == "2"
+    assert params["params.patience"] == params["params.delivered_patience"] == "5"  # not given, but it acted
+    assert pd.isna(params.get("params.study_name")) and pd.isna(params.get("params.storage"))  # no study ran
