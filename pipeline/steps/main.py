@@ -24,6 +24,7 @@ from mlflow.exceptions import ExecutionException
 
 from pipeline.cli import make_config, options_from
 from pipeline.config import DataConfig, MainConfig, TrainConfig
+from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import BEST_MODEL_TAG, CODE_VERSION_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT, STEP_TAG
 from pipeline.support.registry import promote_if_better
@@ -144,6 +145,8 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
                           cfg.force)
     val_accuracy = model_run.data.metrics["best_val_accuracy"]
     headline = {"val_accuracy": val_accuracy, "test_accuracy": evaluation.data.metrics["test_accuracy"]}
+    # the test accuracy's 95% interval (an evaluate run reused from before intervals were logged has none)
+    headline.update({k: v for k, v in evaluation.data.metrics.items() if k.startswith("test_accuracy_ci_")})
     if "best_epoch" in model_run.data.metrics:
         headline["best_epoch"] = model_run.data.metrics["best_epoch"]
     mlflow.log_metrics(headline)
@@ -160,5 +163,7 @@ def main_command(**options):
     cfg = make_config(MainConfig, options)
     with mlflow.start_run(run_name="main"):
         result = run_main(data, train, cfg)
-    click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}; "
+    test = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"], result["test_accuracy_ci_high"]) \
+        if "test_accuracy_ci_low" in result else f"{result['test_accuracy']:.4f}"
+    click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {test}; "
                f"model {result['model_uri']}; registry: {result['registry']['reason']}")
