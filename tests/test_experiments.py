@@ -45,12 +45,14 @@ def test_every_experiment_file_is_valid(path):
 def test_book_recipe_and_overfitting_settings():
     seed = load_spec(REPO / "experiments/seed_baseline.yaml")
     assert seed.params == {"lr": 0.1, "epochs": 10, "batch_size": 256, "weight_decay": 0.0, "patience": 0,
-                           "seed": 0, "log_test_curve": True}
+                           "log_test_curve": True}
+    assert seed.seeds == (0, 1, 2)  # the reports' paired tests pair each run with the recipe's same seed
     overfitting = load_spec(REPO / "experiments/overfitting.yaml")
     assert overfitting.params["patience"] == 0 and overfitting.params["log_test_curve"]
     assert [p["lr"] for p in overfitting.grid] == [0.1, 1.0]
     remedies = load_spec(REPO / "experiments/remedies.yaml")
-    remedy_keys = {k for point in remedies.grid for k in point if k != "lr"}
+    assert overfitting.seeds == remedies.seeds == seed.seeds
+    remedy_keys = {k for point in remedies.grid for k in point}
     assert {"patience", "weight_decay", "input_dropout", "augment"} <= remedy_keys
     assert remedies.params["epochs"] == overfitting.params["epochs"]  # the same budget
 
@@ -70,6 +72,20 @@ def test_grid_expansion_mapping_and_list_of_mappings(tmp_path):
     assert isinstance(spec.grid[0]["weight_decay"], float)  # PyYAML reads 1e-4 as text; it became a float
     single = load_spec(write(tmp_path, "experiment: e\nentry_point: train\n"))
     assert single.grid == [{}] and single.params == {}
+
+
+def test_seeds_repeat_every_grid_point(tmp_path):
+    from pipeline.steps.experiment import runs_of, seeded_points
+
+    spec = load_spec(write(tmp_path, """
+        experiment: e
+        entry_point: train
+        grid: {lr: [0.1, 1.0]}
+        seeds: [3, 7]
+    """))
+    assert spec.seeds == (3, 7) and runs_of(spec) == 4
+    assert seeded_points(spec) == [({"lr": 0.1}, {"lr": 0.1, "seed": 3}), ({"lr": 0.1}, {"lr": 0.1, "seed": 7}),
+                                   ({"lr": 1.0}, {"lr": 1.0, "seed": 3}), ({"lr": 1.0}, {"lr": 1.0, "seed": 7})]
 
 
 BAD_FILES = [
@@ -100,6 +116,13 @@ BAD_FILES = [
     ("- a\n- b\n", r"line 1: the file must be a mapping"),
     ("experiment: [e\n", r"is not valid YAML"),
     ("", r"is empty"),
+    ("experiment: e\nentry_point: train\nseeds: [0, 0]\n", r"line 3: seeds must be a non-empty list of distinct"),
+    ("experiment: e\nentry_point: train\nseeds: []\n", r"line 3: seeds must be a non-empty list of distinct"),
+    ("experiment: e\nentry_point: train\nseeds: [0, x]\n", r"line 3: seeds must be a list of integers"),
+    ("experiment: e\nentry_point: train\nparams: {seed: 1}\nseeds: [0, 1]\n",
+     r"line 4: seed is set in params or grid and seeds lists the seeds; keep one"),
+    ("experiment: e\nentry_point: train\ngrid: {seed: [1, 2]}\nseeds: [0]\n", r"line 4: seed is set in params or grid"),
+    ("experiment: e\nentry_point: tune\nstudy: {trials: 3}\nseeds: [0]\n", r"line 4: entry point tune takes a 'study'"),
 ]
 
 
@@ -193,13 +216,14 @@ def test_mlflow_run_entry_point_and_report_command(subprocess_env, mlflow_store,
     # the run `mlflow run` created became the parent (not a second, empty one)
     (parent,) = parents
     assert parent.data.tags["mlflow.project.entryPoint"] == "experiment" and parent.info.status == "FINISHED"
-    (child,) = children(parent.info.run_id, "seed_baseline-smoke")
-    assert child.info.status == "FINISHED" and "test_accuracy" in child.data.metrics
+    kids = children(parent.info.run_id, "seed_baseline-smoke")
+    assert [k.data.tags["pipeline.seed"] for k in kids] == ["0", "1", "2"]  # the file's seeds, one run each
+    assert all(k.info.status == "FINISHED" and "test_accuracy_ci_low" in k.data.metrics for k in kids)
 
     report = subprocess.run([sys.executable, "-m", "pipeline", "report", "seed_baseline-smoke", "--out", "out"],
                             env=subprocess_env, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
-    assert report.stdout.count("| seed_baseline |") == 1  # the training run; its parent is left out
+    assert all(report.stdout.count(f"| seed={s} |") == 1 for s in range(3))  # the runs; their parent is left out
     assert (Path("out") / "seed_baseline-smoke" / "leaderboard.csv").is_file()
 
     missing = subprocess.run([sys.executable, "-m", "pipeline", "report", "no-such-experiment"],
