@@ -18,7 +18,7 @@ from pipeline.support.experiment_file import load_spec
 from tests.helpers import REPO
 
 FILES = sorted((REPO / "experiments").glob("*.yaml"))
-REQUIRED = {"seed_baseline", "overfitting", "remedies", "tune_softmax", "numerical_stability"}
+REQUIRED = {"seed_baseline", "overfitting", "remedies", "tune_softmax", "numerical_stability", "convex_optimum"}
 
 
 def write(tmp_path, text: str):
@@ -53,7 +53,7 @@ def test_book_recipe_and_overfitting_settings():
     remedies = load_spec(REPO / "experiments/remedies.yaml")
     assert overfitting.seeds == remedies.seeds == seed.seeds
     remedy_keys = {k for point in remedies.grid for k in point}
-    assert {"patience", "weight_decay", "input_dropout", "augment"} <= remedy_keys
+    assert {"patience", "weight_decay", "input_dropout"} <= remedy_keys
     assert remedies.params["epochs"] == overfitting.params["epochs"]  # the same budget
 
 
@@ -92,7 +92,7 @@ BAD_FILES = [
     ("experiment: e\nentry_point: train\nparams:\n  epochs: 3\n  lrr: 0.1\n",
      r"line 5: unknown key 'lrr' in params \(did you mean 'lr'\? known: lr, epochs"),
     ("experiment: e\nentry_point: train\nepochs: 3\n", r"line 3: unknown key 'epochs' in the file"),
-    ("experiment: e\nentry_point: fit\n", r"line 2: unknown entry point 'fit' \(known: train, stability, tune\)"),
+    ("experiment: e\nentry_point: fit\n", r"line 2: unknown entry point 'fit' \(known: train, stability, tune, convex_optimum\)"),
     ("experiment: e\nentry_point: train\nparams: {lr: fast}\n", r"line 3: params.lr must be a number, got 'fast'"),
     ("experiment: e\nentry_point: train\nparams:\n  epochs: 2.5\n", r"line 4: params.epochs must be an integer"),
     ("experiment: e\nentry_point: train\nparams: {epochs: true}\n", r"line 3: params.epochs must be an integer"),
@@ -123,6 +123,9 @@ BAD_FILES = [
      r"line 4: seed is set in params or grid and seeds lists the seeds; keep one"),
     ("experiment: e\nentry_point: train\ngrid: {seed: [1, 2]}\nseeds: [0]\n", r"line 4: seed is set in params or grid"),
     ("experiment: e\nentry_point: tune\nstudy: {trials: 3}\nseeds: [0]\n", r"line 4: entry point tune takes a 'study'"),
+    ("experiment: e\nentry_point: convex_optimum\nseeds: [0]\n", r"line 3: entry point convex_optimum has no seed"),
+    ("experiment: e\nentry_point: convex_optimum\nparams: {weight_decays: [0.1, -1.0]}\n",
+     r"line 3: invalid ConvexConfig: weight_decays must be a non-empty list of numbers >= 0"),
 ]
 
 

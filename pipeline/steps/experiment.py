@@ -17,7 +17,8 @@ import mlflow
 from mlflow import MlflowClient
 
 from pipeline.cli import options_from
-from pipeline.config import DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
+from pipeline.config import (ConvexConfig, DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig,
+                             TuneConfig)
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import DivergedError, Tensors
 from pipeline.errors import PipelineError
@@ -121,7 +122,9 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
                 run_ids.append(run.info.run_id)
                 tracking.log_new_params(dataclasses.asdict(data_cfg))
                 tracking.log_datasets(splits, source)
-                if spec.entry_point == "stability":
+                if spec.entry_point == "convex_optimum":
+                    run_convex(spec, point, caps, splits, tensors)
+                elif spec.entry_point == "stability":
                     cfg = capped(StabilityConfig(**spec.params, **point), caps,
                                  fit_epochs=caps.max_epochs, steps=caps.max_steps)
                     run_stability(cfg, splits, tensors)
@@ -132,6 +135,16 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
         except DivergedError as e:  # the run has ended FAILED with the reason as a tag; go on
             failed.append(f"{name}: {e.message}")
     return run_ids, failed
+
+
+def run_convex(spec: ExperimentSpec, point: dict, caps: Caps, splits, tensors) -> None:
+    """The convex optimum; a smoke run compares with the smoke study, if there is one."""
+    from pipeline.steps.convex_optimum import run_convex_optimum  # Optuna, only for this kind of file
+
+    cfg = capped(ConvexConfig(**spec.params, **point), caps, max_iter=caps.max_steps)
+    if caps.active and cfg.study_name:
+        cfg = dataclasses.replace(cfg, study_name=cfg.study_name + SMOKE_SUFFIX)
+    run_convex_optimum(cfg, splits, tensors, missing_study_ok=caps.active)
 
 
 def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path) -> str:

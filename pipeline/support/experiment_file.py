@@ -4,7 +4,7 @@ A file names the MLflow experiment, the entry point, its fixed parameters, and e
 (one MLflow run per combination) or an Optuna study spec::
 
     experiment: overfitting            # the MLflow experiment the runs go to
-    entry_point: train                 # train | stability | tune
+    entry_point: train                 # train | stability | tune | convex_optimum
     description: why this experiment exists
     data: {val_size: 10000}            # optional: DataConfig fields
     params: {epochs: 100, patience: 0} # the entry point's config fields, the same for every run
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import DataConfig, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
+from pipeline.config import ConvexConfig, DataConfig, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
 from pipeline.errors import PipelineError
 from pipeline.support.yaml_nodes import FileProblem, check_known, mapping_items, typed_mapping, typed_value
 
@@ -53,6 +53,7 @@ ENTRY_POINT_CONFIGS = {  # the config dataclasses whose fields an entry point's 
     "train": (TrainConfig,),
     "stability": (StabilityConfig,),
     "tune": (TuneConfig, SearchSpace),
+    "convex_optimum": (ConvexConfig,),
 }
 ENTRY_POINTS = tuple(ENTRY_POINT_CONFIGS)
 
@@ -121,11 +122,13 @@ def load_spec(path) -> ExperimentSpec:
     return grid_spec(spec, top, fields, problem)
 
 
-def seeds_of(top: dict, params: dict, points: list, problem: FileProblem) -> tuple[int, ...]:
+def seeds_of(top: dict, params: dict, points: list, fields: dict, problem: FileProblem) -> tuple[int, ...]:
     """The ``seeds`` list: distinct integers, and then no ``seed`` in params or grid (it would be ignored)."""
     if "seeds" not in top:
         return ()
     key_node, node = top["seeds"]
+    if "seed" not in fields:
+        raise problem(key_node, f"entry point {top['entry_point'][1].value} has no seed to vary; remove seeds")
     seeds = typed_value(node, tuple[int, ...], problem, "seeds")
     if not seeds or len(set(seeds)) != len(seeds):
         raise problem(node, f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
@@ -141,7 +144,7 @@ def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProble
                       "params and grid")
     params = typed_mapping(top["params"][1], fields, problem, "params") if "params" in top else {}
     points = grid_points(top["grid"][1], fields, problem) if "grid" in top else [({}, None)]
-    seeds = seeds_of(top, params, points, problem)
+    seeds = seeds_of(top, params, points, fields, problem)
     (cls,) = ENTRY_POINT_CONFIGS[spec.entry_point]
     params_nodes = top.get("params") or top["entry_point"]  # (key, value) where params problems point
     for point, node in points:
