@@ -13,7 +13,7 @@ from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.names import ROLE_TAG
-from pipeline.steps.experiment import SMOKE, SMOKE_SUFFIX, Caps, run_experiment
+from pipeline.steps.experiment import SMOKE, SMOKE_SUFFIX, Caps, run_experiment, seeded_points
 from pipeline.support.experiment_file import load_spec
 from tests.helpers import REPO
 
@@ -75,7 +75,7 @@ def test_grid_expansion_mapping_and_list_of_mappings(tmp_path):
 
 
 def test_seeds_repeat_every_grid_point(tmp_path):
-    from pipeline.steps.experiment import runs_of, seeded_points
+    from pipeline.steps.experiment import runs_of
 
     spec = load_spec(write(tmp_path, """
         experiment: e
@@ -171,9 +171,10 @@ def test_every_experiment_file_runs_shortened(path, mlflow_store, real_data_dir)
         assert len(trials) == SMOKE.max_trials
         assert "best_val_accuracy" in tune_run.data.metrics
         return
-    assert len(runs) == len(spec.grid)
-    for run, point in zip(runs, spec.grid):
-        assert json.loads(run.data.tags["pipeline.grid_point"]) == point
+    expected = seeded_points(spec)  # every grid point, once per seed where the file lists seeds
+    assert len(runs) == len(expected)
+    for run, (grid_point, point) in zip(runs, expected):
+        assert json.loads(run.data.tags["pipeline.grid_point"]) == grid_point
         assert run.data.params["limit"] == str(SMOKE.limit)
         if spec.entry_point == "train":
             assert int(run.data.metrics["epochs_run"]) <= SMOKE.max_epochs
@@ -181,6 +182,9 @@ def test_every_experiment_file_runs_shortened(path, mlflow_store, real_data_dir)
             for key, value in {**spec.params, **point}.items():
                 if key != "epochs":  # capped by the smoke option
                     assert run.data.params[key] == str(value)
+        elif spec.entry_point == "convex_optimum":
+            assert int(run.data.params["max_iter"]) == SMOKE.max_steps
+            assert {"optimum_val_accuracy", "test_accuracy", "test_accuracy_ci_low"} <= set(run.data.metrics)
         else:
             assert run.data.metrics["stable_all_finite"] == 1.0
             assert int(run.data.params["steps"]) == SMOKE.max_steps
