@@ -217,5 +217,26 @@ class StabilityConfig:
         check(problems)
 
 
+@dataclass(frozen=True)
+class ConvexConfig:
+    """The convex optimum experiment (pipeline/steps/convex_optimum.py): full-batch L-BFGS per weight decay."""
+
+    weight_decays: tuple[float, ...] = setting((1e-3, 1e-4, 1e-5, 1e-6), "Weight decays (SGD's convention: "
+                                               "objective mean CE + wd/2 ||params||^2) whose optimum is computed.")
+    max_iter: int = setting(150, "L-BFGS iterations per weight decay, at most (each warm-starts from the last).",
+                            minimum=1)
+    tolerance: float = setting(1e-5, "Stop once the objective's gradient norm is below this.", above=0)
+    study_storage: str = setting(DEFAULT_STORAGE, "Optuna storage of the study to compare with.")
+    study_name: str = setting("", "Optuna study whose best trial is compared with the optimum; empty = none.")
+
+    def validate(self) -> None:
+        problems = field_problems(self)
+        if not self.weight_decays or not all(math.isfinite(w) and w >= 0 for w in self.weight_decays):
+            problems.append(f"weight_decays must be a non-empty list of numbers >= 0, got {list(self.weight_decays)}")
+        elif len(set(self.weight_decays)) != len(self.weight_decays):
+            problems.append(f"weight_decays lists a value twice: {list(self.weight_decays)}")
+        check(problems)
+
+
 def field_names(cls) -> set[str]:
     return {f.name for f in fields(cls)}

@@ -22,9 +22,11 @@ PER_CLASS_TABLE = "per_class.json"
 PER_CLASS_CSV = "per_class.csv"
 CONFUSION_FIGURE = "confusion_matrix.png"
 MISTAKES_FIGURE = "confident_mistakes.png"
+TEST_PREDICTIONS = "test_predictions.npz"  # predicted and true labels per test image: paired tests
 REGISTRY_DECISION = "registry_decision.json"
 STUDY_FOLDER = "study"  # the tune run's trials table and figures: study/trials.csv, study/<figure>.png
 REPORT_FOLDER = "report"
+CONVEX_TABLE = "convex_optimum.csv"  # one row per weight decay: objective, gradient norm, accuracies
 STABILITY_TABLES = {"sweep": "loss_vs_scale", "race": "training_loss"}  # .csv/.json/.png of each
 
 # --- Dataset contexts (mlflow.log_input) -----------------------------------------------------------
@@ -53,6 +55,9 @@ ROLE_TAG = "pipeline.role"  # "experiment" on an experiment file's parent run, "
 FILE_TAG = "pipeline.experiment_file"
 POINT_TAG = "pipeline.grid_point"
 SMOKE_TAG = "pipeline.smoke"
+CONVEX_SUMMARY_TAG = "pipeline.convex_summary"  # the convex optimum and how close the study came, in words
+SEED_TAG = "pipeline.seed"  # experiment files with seeds: the seed of the run (its point is POINT_TAG)
+TEST_DIGEST_TAG = "pipeline.test_digest"  # which test images the evaluation saw (paired tests need the same)
 
 # --- Optuna user attributes of a trial -------------------------------------------------------------
 RUN_ID_ATTR = "mlflow_run_id"

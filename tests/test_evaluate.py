@@ -12,6 +12,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from PIL import Image
+from scipy.stats import binomtest
 
 from pipeline.cli import cli
 from pipeline.config import CLASS_NAMES, TrainConfig
@@ -57,6 +58,27 @@ def test_evaluate_on_test_logs_metrics_table_and_figures(trained, real_slice):
     # linked to the logged model: the UI shows test accuracy beside it
     model_metrics = {m.key: m.value for m in mlflow.get_logged_model(info.model_id).metrics}
     assert model_metrics["test_accuracy"] == pytest.approx(evaluation["test_accuracy"])
+    # the 95% interval: scipy's Wilson interval of the counted accuracy, on the run and printed by the CLI
+    correct = int((expected_pred == splits.test_y).sum())
+    ci = binomtest(correct, len(splits.test_y)).proportion_ci(method="wilson")
+    metrics = client.get_run(run.info.run_id).data.metrics
+    assert (metrics["test_accuracy_ci_low"], metrics["test_accuracy_ci_high"]) == pytest.approx((ci.low, ci.high))
+    # the per-image predictions, for paired tests, and which test images they are for
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="test_predictions.npz")
+    with np.load(path) as saved:
+        np.testing.assert_array_equal(saved["predicted"], expected_pred)
+        np.testing.assert_array_equal(saved["labels"], splits.test_y)
+    assert client.get_run(run.info.run_id).data.tags["pipeline.test_digest"] == array_digest(splits.test_x, splits.test_y)
+
+
+def test_evaluate_command_prints_the_interval(trained, real_slice):
+    _, info = trained
+    result = CliRunner().invoke(cli, ["evaluate", "--model-uri", info.model_uri, "--data", str(real_slice[1])])
+    assert result.exit_code == 0, result.output
+    accuracy = float(result.output.split("test accuracy ")[1].split()[0])
+    correct = round(accuracy * len(real_slice[0].test_y))
+    ci = binomtest(correct, len(real_slice[0].test_y)).proportion_ci(method="wilson")
+    assert f"test accuracy {accuracy:.4f} (95% CI {ci.low:.4f}-{ci.high:.4f}) on 2000 images" in result.output
 
 
 def test_bad_model_uri_is_a_clear_error(mlflow_store):

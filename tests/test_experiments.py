@@ -13,12 +13,12 @@ from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.names import ROLE_TAG
-from pipeline.steps.experiment import SMOKE, SMOKE_SUFFIX, Caps, run_experiment
+from pipeline.steps.experiment import SMOKE, SMOKE_SUFFIX, Caps, run_experiment, seeded_points
 from pipeline.support.experiment_file import load_spec
 from tests.helpers import REPO
 
 FILES = sorted((REPO / "experiments").glob("*.yaml"))
-REQUIRED = {"seed_baseline", "overfitting", "remedies", "tune_softmax", "numerical_stability"}
+REQUIRED = {"seed_baseline", "overfitting", "remedies", "tune_softmax", "numerical_stability", "convex_optimum"}
 
 
 def write(tmp_path, text: str):
@@ -45,13 +45,15 @@ def test_every_experiment_file_is_valid(path):
 def test_book_recipe_and_overfitting_settings():
     seed = load_spec(REPO / "experiments/seed_baseline.yaml")
     assert seed.params == {"lr": 0.1, "epochs": 10, "batch_size": 256, "weight_decay": 0.0, "patience": 0,
-                           "seed": 0, "log_test_curve": True}
+                           "log_test_curve": True}
+    assert seed.seeds == (0, 1, 2)  # the reports' paired tests pair each run with the recipe's same seed
     overfitting = load_spec(REPO / "experiments/overfitting.yaml")
     assert overfitting.params["patience"] == 0 and overfitting.params["log_test_curve"]
     assert [p["lr"] for p in overfitting.grid] == [0.1, 1.0]
     remedies = load_spec(REPO / "experiments/remedies.yaml")
-    remedy_keys = {k for point in remedies.grid for k in point if k != "lr"}
-    assert {"patience", "weight_decay", "input_dropout", "augment"} <= remedy_keys
+    assert overfitting.seeds == remedies.seeds == seed.seeds
+    remedy_keys = {k for point in remedies.grid for k in point}
+    assert {"patience", "weight_decay", "input_dropout"} <= remedy_keys
     assert remedies.params["epochs"] == overfitting.params["epochs"]  # the same budget
 
 
@@ -72,11 +74,25 @@ def test_grid_expansion_mapping_and_list_of_mappings(tmp_path):
     assert single.grid == [{}] and single.params == {}
 
 
+def test_seeds_repeat_every_grid_point(tmp_path):
+    from pipeline.steps.experiment import runs_of
+
+    spec = load_spec(write(tmp_path, """
+        experiment: e
+        entry_point: train
+        grid: {lr: [0.1, 1.0]}
+        seeds: [3, 7]
+    """))
+    assert spec.seeds == (3, 7) and runs_of(spec) == 4
+    assert seeded_points(spec) == [({"lr": 0.1}, {"lr": 0.1, "seed": 3}), ({"lr": 0.1}, {"lr": 0.1, "seed": 7}),
+                                   ({"lr": 1.0}, {"lr": 1.0, "seed": 3}), ({"lr": 1.0}, {"lr": 1.0, "seed": 7})]
+
+
 BAD_FILES = [
     ("experiment: e\nentry_point: train\nparams:\n  epochs: 3\n  lrr: 0.1\n",
      r"line 5: unknown key 'lrr' in params \(did you mean 'lr'\? known: lr, epochs"),
     ("experiment: e\nentry_point: train\nepochs: 3\n", r"line 3: unknown key 'epochs' in the file"),
-    ("experiment: e\nentry_point: fit\n", r"line 2: unknown entry point 'fit' \(known: train, stability, tune\)"),
+    ("experiment: e\nentry_point: fit\n", r"line 2: unknown entry point 'fit' \(known: train, stability, tune, convex_optimum\)"),
     ("experiment: e\nentry_point: train\nparams: {lr: fast}\n", r"line 3: params.lr must be a number, got 'fast'"),
     ("experiment: e\nentry_point: train\nparams:\n  epochs: 2.5\n", r"line 4: params.epochs must be an integer"),
     ("experiment: e\nentry_point: train\nparams: {epochs: true}\n", r"line 3: params.epochs must be an integer"),
@@ -100,6 +116,16 @@ BAD_FILES = [
     ("- a\n- b\n", r"line 1: the file must be a mapping"),
     ("experiment: [e\n", r"is not valid YAML"),
     ("", r"is empty"),
+    ("experiment: e\nentry_point: train\nseeds: [0, 0]\n", r"line 3: seeds must be a non-empty list of distinct"),
+    ("experiment: e\nentry_point: train\nseeds: []\n", r"line 3: seeds must be a non-empty list of distinct"),
+    ("experiment: e\nentry_point: train\nseeds: [0, x]\n", r"line 3: seeds must be a list of integers"),
+    ("experiment: e\nentry_point: train\nparams: {seed: 1}\nseeds: [0, 1]\n",
+     r"line 4: seed is set in params or grid and seeds lists the seeds; keep one"),
+    ("experiment: e\nentry_point: train\ngrid: {seed: [1, 2]}\nseeds: [0]\n", r"line 4: seed is set in params or grid"),
+    ("experiment: e\nentry_point: tune\nstudy: {trials: 3}\nseeds: [0]\n", r"line 4: entry point tune takes a 'study'"),
+    ("experiment: e\nentry_point: convex_optimum\nseeds: [0]\n", r"line 3: entry point convex_optimum has no seed"),
+    ("experiment: e\nentry_point: convex_optimum\nparams: {weight_decays: [0.1, -1.0]}\n",
+     r"line 3: invalid ConvexConfig: weight_decays must be a non-empty list of numbers >= 0"),
 ]
 
 
@@ -146,9 +172,10 @@ def test_every_experiment_file_runs_shortened(path, mlflow_store, real_data_dir)
         assert all(t.data.metrics["epochs_run"] <= SMOKE.max_epochs for t in trials)  # the seed trial too
         assert "best_val_accuracy" in tune_run.data.metrics
         return
-    assert len(runs) == len(spec.grid)
-    for run, point in zip(runs, spec.grid):
-        assert json.loads(run.data.tags["pipeline.grid_point"]) == point
+    expected = seeded_points(spec)  # every grid point, once per seed where the file lists seeds
+    assert len(runs) == len(expected)
+    for run, (grid_point, point) in zip(runs, expected):
+        assert json.loads(run.data.tags["pipeline.grid_point"]) == grid_point
         assert run.data.params["limit"] == str(SMOKE.limit)
         if spec.entry_point == "train":
             assert int(run.data.metrics["epochs_run"]) <= SMOKE.max_epochs
@@ -156,6 +183,9 @@ def test_every_experiment_file_runs_shortened(path, mlflow_store, real_data_dir)
             for key, value in {**spec.params, **point}.items():
                 if key != "epochs":  # capped by the smoke option
                     assert run.data.params[key] == str(value)
+        elif spec.entry_point == "convex_optimum":
+            assert int(run.data.params["max_iter"]) == SMOKE.max_steps
+            assert {"optimum_val_accuracy", "test_accuracy", "test_accuracy_ci_low"} <= set(run.data.metrics)
         else:
             assert run.data.metrics["stable_all_finite"] == 1.0
             assert int(run.data.params["steps"]) == SMOKE.max_steps
@@ -194,13 +224,14 @@ def test_mlflow_run_entry_point_and_report_command(subprocess_env, mlflow_store,
     # the run `mlflow run` created became the parent (not a second, empty one)
     (parent,) = parents
     assert parent.data.tags["mlflow.project.entryPoint"] == "experiment" and parent.info.status == "FINISHED"
-    (child,) = children(parent.info.run_id, "seed_baseline-smoke")
-    assert child.info.status == "FINISHED" and "test_accuracy" in child.data.metrics
+    kids = children(parent.info.run_id, "seed_baseline-smoke")
+    assert [k.data.tags["pipeline.seed"] for k in kids] == ["0", "1", "2"]  # the file's seeds, one run each
+    assert all(k.info.status == "FINISHED" and "test_accuracy_ci_low" in k.data.metrics for k in kids)
 
     report = subprocess.run([sys.executable, "-m", "pipeline", "report", "seed_baseline-smoke", "--out", "out"],
                             env=subprocess_env, capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
-    assert report.stdout.count("| seed_baseline |") == 1  # the training run; its parent is left out
+    assert all(report.stdout.count(f"| seed={s} |") == 1 for s in range(3))  # the runs; their parent is left out
     assert (Path("out") / "seed_baseline-smoke" / "leaderboard.csv").is_file()
 
     missing = subprocess.run([sys.executable, "-m", "pipeline", "report", "no-such-experiment"],

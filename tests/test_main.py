@@ -62,6 +62,11 @@ def test_main_chains_three_child_steps(scenario):
     assert sorted(children["tags.mlflow.project.entryPoint"]) == ["evaluate", "prepare", "train"]
     assert (children.status == "FINISHED").all()
     assert first["metrics.test_accuracy"] > 0.6 and first["metrics.val_accuracy"] > 0.6
+    # the headline's 95% interval is the evaluate step's, around its test accuracy
+    evaluate = children[children["tags.mlflow.project.entryPoint"] == "evaluate"].iloc[0]
+    for end in ("low", "high"):
+        assert first[f"metrics.test_accuracy_ci_{end}"] == evaluate[f"metrics.test_accuracy_ci_{end}"]
+    assert first["metrics.test_accuracy_ci_low"] < first["metrics.test_accuracy"] < first["metrics.test_accuracy_ci_high"]
     assert first["tags.pipeline.step.train.reused"] == "False"
 
 

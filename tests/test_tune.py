@@ -175,6 +175,8 @@ def test_small_study_on_real_data(real_slice, mlflow_store, tmp_path):
                                                   "and attributes.run_name = 'evaluate'")
     assert len(evaluation) == 1 and 0.5 < evaluation[0].data.metrics["test_accuracy"] <= 1
     assert run.data.metrics["best_test_accuracy"] == evaluation[0].data.metrics["test_accuracy"]
+    for end in ("low", "high"):  # the best trial's 95% interval, beside its test accuracy
+        assert run.data.metrics[f"best_test_accuracy_ci_{end}"] == evaluation[0].data.metrics[f"test_accuracy_ci_{end}"]
     champion = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@{CHAMPION}")
     assert champion.model_id == run.data.tags[BEST_MODEL_TAG].removeprefix("models:/")
 

@@ -1,8 +1,13 @@
 """Step ``evaluate``: a logged model on the untouched test split; accuracy, loss, a per-class table, figures.
 
 This is the only place the test split is used to *report* (the optional test curve in training is
-only plotted); nothing is ever chosen by test accuracy.
+only plotted); nothing is ever chosen by test accuracy. Every test accuracy comes with its 95% Wilson
+interval (``pipeline.core.stats``), and the per-image predictions are kept (``test_predictions.npz``) so
+that the report can compare two models on the same images with a paired test.
 """
+
+import tempfile
+from pathlib import Path
 
 import click
 import mlflow
@@ -13,8 +18,10 @@ import torch.nn.functional as F
 from pipeline.cli import options_from
 from pipeline.config import DataInput, ModelInput
 from pipeline.core.metrics import confusion_matrix, per_class_table, predict_logits
-from pipeline.core.splits import Splits
-from pipeline.names import CONFUSION_FIGURE, MISTAKES_FIGURE, PER_CLASS_CSV, PER_CLASS_TABLE
+from pipeline.core.splits import Splits, array_digest
+from pipeline.core.stats import accuracy_with_interval, format_interval
+from pipeline.names import (CONFUSION_FIGURE, MISTAKES_FIGURE, PER_CLASS_CSV, PER_CLASS_TABLE, TEST_DIGEST_TAG,
+                            TEST_PREDICTIONS)
 from pipeline.support import figures, tracking
 
 
@@ -28,15 +35,26 @@ def evaluate_on_test(model_uri: str, splits: Splits, model: torch.nn.Module | No
     logits = predict_logits(model, splits.test_x)
     probs = F.softmax(logits, dim=1).numpy()
     y_pred = probs.argmax(axis=1)
-    metrics = {"test_accuracy": float(np.mean(y_pred == splits.test_y)),
+    metrics = {**accuracy_with_interval(splits.test_y, y_pred),
                "test_loss": F.cross_entropy(logits, torch.from_numpy(splits.test_y)).item()}
     table = per_class_table(splits.test_y, y_pred)
     mlflow.log_metrics(metrics, model_id=tracking.logged_model_id(model_uri))
+    log_predictions(splits, y_pred)
     mlflow.log_table(table, artifact_file=PER_CLASS_TABLE)
     mlflow.log_text(table.to_csv(index=False), PER_CLASS_CSV)
     mlflow.log_figure(figures.confusion_figure(confusion_matrix(splits.test_y, y_pred)), CONFUSION_FIGURE)
     mlflow.log_figure(figures.confident_mistakes(splits.test_x, splits.test_y, probs), MISTAKES_FIGURE)
     return {**metrics, "per_class": table, "predictions": y_pred}
+
+
+def log_predictions(splits: Splits, y_pred: np.ndarray) -> None:
+    """The predicted and true label of every test image (20 KB), and a digest of the test images they
+    are for: the report's paired test compares two runs only when the digests match."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / TEST_PREDICTIONS
+        np.savez(path, predicted=y_pred.astype(np.uint8), labels=splits.test_y.astype(np.uint8))
+        mlflow.log_artifact(str(path))
+    mlflow.set_tag(TEST_DIGEST_TAG, array_digest(splits.test_x, splits.test_y))
 
 
 @click.command("evaluate")
@@ -47,5 +65,8 @@ def evaluate_command(model_uri, data):
     with mlflow.start_run(run_name="evaluate"):
         tracking.log_new_params({"model_uri": model_uri, "data": data})
         result = evaluate_on_test(model_uri, tracking.load_data(data), model)
-    click.echo(f"test accuracy {result['test_accuracy']:.4f}, test loss {result['test_loss']:.4f}")
+    accuracy = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"],
+                               result["test_accuracy_ci_high"])
+    click.echo(f"test accuracy {accuracy} on {len(result['predictions'])} images, "
+               f"test loss {result['test_loss']:.4f}")
     click.echo(result["per_class"].to_string(index=False, float_format="%.3f"))

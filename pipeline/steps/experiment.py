@@ -17,11 +17,12 @@ import mlflow
 from mlflow import MlflowClient
 
 from pipeline.cli import options_from
-from pipeline.config import DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
+from pipeline.config import (ConvexConfig, DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig,
+                             TuneConfig)
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import DivergedError, Tensors
 from pipeline.errors import PipelineError
-from pipeline.names import FILE_TAG, POINT_TAG, ROLE_TAG, SMOKE_TAG
+from pipeline.names import FILE_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SMOKE_TAG
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.stability import run_stability
 from pipeline.steps.train import train
@@ -79,7 +80,7 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
                           tags={ROLE_TAG: "experiment", FILE_TAG: spec.path, SMOKE_TAG: caps.active}) as parent:
         mlflow.log_artifact(spec.path)
         tracking.log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point,
-                                 "runs": len(spec.grid) or 1, **{f"cap_{k}": v for k, v in
+                                 "runs": runs_of(spec), **{f"cap_{k}": v for k, v in
                                                                  dataclasses.asdict(caps).items()}})
         if spec.entry_point == "tune":
             children, failed = [run_tune(spec, caps, exp_id, prepared_path)], []
@@ -92,20 +93,38 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     return {"experiment": name, "parent_run_id": parent.info.run_id, "run_ids": children}
 
 
+def runs_of(spec: ExperimentSpec) -> int:
+    return 1 if spec.entry_point == "tune" else len(spec.grid) * max(1, len(spec.seeds))
+
+
+def seeded_points(spec: ExperimentSpec) -> list[tuple[dict, dict]]:
+    """(grid point, the point with its seed) for every run: seed by seed within each point.
+
+    The grid point alone is the run's ``pipeline.grid_point`` tag, so the report groups a point's seeds.
+    """
+    return [(point, {**point, "seed": seed}) for point in spec.grid for seed in spec.seeds] if spec.seeds \
+        else [(point, point) for point in spec.grid]
+
+
 def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: DataConfig, source: str):
-    """One nested run per grid point; returns the run ids and a description of each failed point."""
+    """One nested run per grid point (and seed); returns the run ids and a description of each failed one."""
     tensors = Tensors.from_splits(splits)  # converted once, shared by every run
     run_ids, failed = [], []
-    for i, point in enumerate(spec.grid, start=1):
+    runs = seeded_points(spec)
+    for i, (grid_point, point) in enumerate(runs, start=1):
         name = point_name(point) or spec.name
-        print(f"[experiment {spec.name}] run {i}/{len(spec.grid)}: {name}")
-        tags = {FILE_TAG: spec.path, POINT_TAG: json.dumps(point)}
+        print(f"[experiment {spec.name}] run {i}/{len(runs)}: {name}")
+        tags = {FILE_TAG: spec.path, POINT_TAG: json.dumps(grid_point)}
+        if spec.seeds:
+            tags[SEED_TAG] = point["seed"]
         try:
             with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=tags) as run:
                 run_ids.append(run.info.run_id)
                 tracking.log_new_params(dataclasses.asdict(data_cfg))
                 tracking.log_datasets(splits, source)
-                if spec.entry_point == "stability":
+                if spec.entry_point == "convex_optimum":
+                    run_convex(spec, point, caps, splits, tensors)
+                elif spec.entry_point == "stability":
                     cfg = capped(StabilityConfig(**spec.params, **point), caps,
                                  fit_epochs=caps.max_epochs, steps=caps.max_steps)
                     run_stability(cfg, splits, tensors)
@@ -116,6 +135,16 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
         except DivergedError as e:  # the run has ended FAILED with the reason as a tag; go on
             failed.append(f"{name}: {e.message}")
     return run_ids, failed
+
+
+def run_convex(spec: ExperimentSpec, point: dict, caps: Caps, splits, tensors) -> None:
+    """The convex optimum; a smoke run compares with the smoke study, if there is one."""
+    from pipeline.steps.convex_optimum import run_convex_optimum  # Optuna, only for this kind of file
+
+    cfg = capped(ConvexConfig(**spec.params, **point), caps, max_iter=caps.max_steps)
+    if caps.active and cfg.study_name:
+        cfg = dataclasses.replace(cfg, study_name=cfg.study_name + SMOKE_SUFFIX)
+    run_convex_optimum(cfg, splits, tensors, missing_study_ok=caps.active)
 
 
 def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path) -> str:

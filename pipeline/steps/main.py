@@ -25,6 +25,7 @@ from mlflow.exceptions import ExecutionException
 
 from pipeline.cli import make_config, options_from
 from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
+from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import BEST_MODEL_TAG, CODE_VERSION_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT, STEP_TAG, STUDY_TAG
 from pipeline.support.delivery import record_delivered
@@ -157,6 +158,8 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     delivered = record_delivered(model_run)  # delivered_lr, ...: what trained the model, in both modes
     headline = {"val_accuracy": val_accuracy, "test_accuracy": evaluation.data.metrics["test_accuracy"],
                 "best_epoch": delivered["best_epoch"]}
+    # the test accuracy's 95% interval (an evaluate run reused from before intervals were logged has none)
+    headline.update({k: v for k, v in evaluation.data.metrics.items() if k.startswith("test_accuracy_ci_")})
     mlflow.log_metrics(headline)
     mlflow.set_tag(MODEL_URI_TAG, model_uri)
     decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
@@ -187,5 +190,7 @@ def main_command(**options):
     refuse_idle_settings(given, cfg.trials)
     with mlflow.start_run(run_name="main"):
         result = run_main(data, train, cfg)
-    click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {result['test_accuracy']:.4f}; "
+    test = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"], result["test_accuracy_ci_high"]) \
+        if "test_accuracy_ci_low" in result else f"{result['test_accuracy']:.4f}"
+    click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {test}; "
                f"model {result['model_uri']}; registry: {result['registry']['reason']}")

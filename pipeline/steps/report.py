@@ -11,6 +11,10 @@ model's ``test_accuracy`` without a step, i.e. at step 0. MLflow's "latest value
 highest step, so ``search_runs`` shows the *last epoch's* value; the leaderboard reads the history and
 reports both: ``test_accuracy`` (the kept, best-validation model: what the run delivers) and
 ``last_epoch_test_accuracy`` (what training to the end would have delivered: the overfitting lesson).
+
+Uncertainty: every test accuracy comes with its 95% Wilson interval (``test_ci_low``, ``test_ci_high``);
+when the runs repeat grid points over seeds, a second table shows each point's mean ± standard
+deviation over seeds and McNemar's paired test against the seed recipe (``pipeline.support.comparisons``).
 """
 
 import datetime
@@ -23,7 +27,7 @@ from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
 from pipeline.names import REPORT_FOLDER, ROLE_TAG, TRIAL_STATE_TAG
-from pipeline.support import figures
+from pipeline.support import comparisons, figures
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
 EVALUATION_STEP = 0  # evaluate_step logs without a step; the test curve's steps are the epochs 1..N
@@ -83,6 +87,9 @@ def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFram
         **{p: runs[f"params.{p}"] for p in varying},
         "best_val_accuracy": metric(runs, "best_val_accuracy"),
         "test_accuracy": evaluated.fillna(metric(runs, "best_test_accuracy")),
+        # the evaluation's 95% interval (a tune run: its best trial's, logged as best_test_accuracy_ci_*)
+        **{f"test_ci_{end}": metric(runs, f"test_accuracy_ci_{end}").fillna(metric(runs, f"best_test_accuracy_ci_{end}"))
+           for end in ("low", "high")},
         "last_epoch_test_accuracy": [c["test"][-1][1] if c["test"] else float("nan") for c in run_curves],
         "best_epoch": metric(runs, "best_epoch").astype("Int64"),
         "epochs_run": metric(runs, "epochs_run").astype("Int64"),
@@ -113,7 +120,8 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict) -> str:
+def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict, points: pd.DataFrame | None = None,
+                    notes: list[str] = ()) -> str:
     shown = table.drop(columns="run_id")
     lines = [f"# Report: {experiment_name}", "",
              f"{len(table)} run{'' if len(table) == 1 else 's'} in {mlflow.get_tracking_uri()}, generated "
@@ -121,37 +129,61 @@ def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict) -> 
     if common:
         lines += ["Parameters shared by all runs: " + ", ".join(f"{k}={v}" for k, v in common.items()), ""]
     lines += [to_markdown(shown), "",
-              "test_accuracy: the kept (best validation) model on the test split; last_epoch_test_accuracy: "
-              "the test curve's last epoch, where the run logged one. Sorted by best_val_accuracy: nothing is "
-              "chosen by test accuracy. Curves: accuracy_curves.png.", ""]
+              "test_accuracy: the kept (best validation) model on the test split, test_ci_low..test_ci_high "
+              "its 95% Wilson interval; last_epoch_test_accuracy: the test curve's last epoch, where the run "
+              "logged one. Sorted by best_val_accuracy: nothing is chosen by test accuracy. Curves: "
+              "accuracy_curves.png.", ""]
+    if points is not None:
+        lines += seeds_section(points, notes)
     return "\n".join(lines)
 
 
-def write_report(experiment_name: str, out_root: Path = Path("reports")) -> dict:
+def seeds_section(points: pd.DataFrame, notes: list[str]) -> list[str]:
+    reference = [c for c in points.columns if c.startswith("vs_")]
+    lines = ["## Over seeds", "", to_markdown(points[[c for c in points.columns if not c.startswith("_")]]), "",
+             "Each grid point's runs over its seeds: mean ± sample standard deviation, best mean validation "
+             "accuracy first."]
+    if reference:
+        lines += [f"{reference[0]}: McNemar's exact test against the seed recipe's run with the same seed, on the "
+                  "same test images: sN: images only this point gets right / only the seed recipe gets right, "
+                  "and the two-sided p-value. verdict: \"better\" or \"worse\" only when every seed's test is "
+                  "significant (p < 0.05) in that direction."]
+    return lines + [""] + [f"- {note}" for note in notes] + ([""] if notes else [])
+
+
+def write_report(experiment_name: str, out_root: Path = Path("reports"),
+                 reference: str = comparisons.REFERENCE_EXPERIMENT) -> dict:
     """Build the leaderboard and figure, write them under ``out_root/<experiment>/`` and log them."""
     experiment_id, runs = find_runs(experiment_name)
     client = MlflowClient()
     run_curves = {run_id: curves(client, run_id) for run_id in runs["run_id"]}
     table, common = leaderboard(runs, [run_curves[r] for r in runs["run_id"]])
+    points, notes = comparisons.by_point(runs, table), []
+    if points is not None and experiment_name != reference:
+        notes = comparisons.against_reference(points, runs, reference)
     directory = Path(out_root) / experiment_name
     directory.mkdir(parents=True, exist_ok=True)
-    markdown = markdown_report(experiment_name, table, common)
+    markdown = markdown_report(experiment_name, table, common, points, notes)
     (directory / "leaderboard.md").write_text(markdown)
     table.to_csv(directory / "leaderboard.csv", index=False)
+    if points is not None:
+        points.drop(columns=["_runs"]).to_csv(directory / "seeds.csv", index=False)
     figure = figures.accuracy_curves(list(table["run"]), [run_curves[r] for r in table["run_id"]],
                                      f"{experiment_name}: accuracy per epoch")
     figure.savefig(directory / "accuracy_curves.png", dpi=120, bbox_inches="tight")
     with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={ROLE_TAG: "report"}) as run:
         mlflow.log_artifacts(str(directory), artifact_path=REPORT_FOLDER)
-    return {"table": table, "markdown": markdown, "directory": directory, "run_id": run.info.run_id}
+    return {"table": table, "points": points, "markdown": markdown, "directory": directory, "run_id": run.info.run_id}
 
 
 @click.command("report")
 @click.argument("experiment_name")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports"),
               show_default=True, help="The report goes to OUT/EXPERIMENT_NAME/.")
-def report_command(experiment_name, out):
+@click.option("--reference", default=comparisons.REFERENCE_EXPERIMENT, show_default=True,
+              help="Experiment (in the same store) whose seeded runs the paired test compares each point with.")
+def report_command(experiment_name, out, reference):
     """Leaderboard (markdown, CSV) and accuracy curves of all runs of an MLflow experiment."""
-    result = write_report(experiment_name, out)
+    result = write_report(experiment_name, out, reference)
     click.echo(result["markdown"])
     click.echo(f"written to {result['directory']} and logged to run {result['run_id']}")

@@ -38,7 +38,7 @@ def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
                           experiment_id=mlflow.active_run().info.experiment_id):
         result = evaluate_on_test(model_uri, splits)
         promote_if_better(model_uri, val_accuracy, array_digest(splits.val_x, splits.val_y))
-    metrics = {k: result[k] for k in ("test_accuracy", "test_loss")}
+    metrics = {k: result[k] for k in ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_loss")}
     mlflow.log_metrics({f"best_{k}": v for k, v in metrics.items()})  # on the parent, beside best_val_accuracy
     return metrics
 

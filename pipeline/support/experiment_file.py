@@ -4,13 +4,14 @@ A file names the MLflow experiment, the entry point, its fixed parameters, and e
 (one MLflow run per combination) or an Optuna study spec::
 
     experiment: overfitting            # the MLflow experiment the runs go to
-    entry_point: train                 # train | stability | tune
+    entry_point: train                 # train | stability | tune | convex_optimum
     description: why this experiment exists
     data: {val_size: 10000}            # optional: DataConfig fields
     params: {epochs: 100, patience: 0} # the entry point's config fields, the same for every run
     grid: {lr: [0.1, 1.0]}             # one run per combination; a list of such mappings is run one after
                                        # the other (scikit-learn's ParameterGrid convention)
     study: {trials: 20, lr_high: 3.0}  # tune only, instead of params/grid: TuneConfig + SearchSpace fields
+    seeds: [0, 1, 2]                   # optional (train, stability): every grid point once per seed
 
 Why the checking is hand-made: a typo such as ``lrr: 0.1`` must not silently train with the default.
 Each problem is reported as ``experiments/x.yaml line 7: ...`` (``pipeline.support.yaml_nodes``); the
@@ -26,11 +27,11 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import DataConfig, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
+from pipeline.config import ConvexConfig, DataConfig, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
 from pipeline.errors import PipelineError
 from pipeline.support.yaml_nodes import FileProblem, check_known, mapping_items, typed_mapping, typed_value
 
-TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study")
+TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study", "seeds")
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,14 @@ class ExperimentSpec:
     params: dict = field(default_factory=dict)  # fixed config fields of every run
     grid: list[dict] = field(default_factory=lambda: [{}])  # one dict of field overrides per run
     study: dict = field(default_factory=dict)  # tune only: TuneConfig and SearchSpace fields
+    seeds: tuple[int, ...] = ()  # each grid point runs once per seed; () = once, with the config's seed
 
 
 ENTRY_POINT_CONFIGS = {  # the config dataclasses whose fields an entry point's params/grid (tune: study) may set
     "train": (TrainConfig,),
     "stability": (StabilityConfig,),
     "tune": (TuneConfig, SearchSpace),
+    "convex_optimum": (ConvexConfig,),
 }
 ENTRY_POINTS = tuple(ENTRY_POINT_CONFIGS)
 
@@ -119,6 +122,21 @@ def load_spec(path) -> ExperimentSpec:
     return grid_spec(spec, top, fields, problem)
 
 
+def seeds_of(top: dict, params: dict, points: list, fields: dict, problem: FileProblem) -> tuple[int, ...]:
+    """The ``seeds`` list: distinct integers, and then no ``seed`` in params or grid (it would be ignored)."""
+    if "seeds" not in top:
+        return ()
+    key_node, node = top["seeds"]
+    if "seed" not in fields:
+        raise problem(key_node, f"entry point {top['entry_point'][1].value} has no seed to vary; remove seeds")
+    seeds = typed_value(node, tuple[int, ...], problem, "seeds")
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise problem(node, f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
+    if "seed" in params or any("seed" in point for point, _ in points):
+        raise problem(key_node, "seed is set in params or grid and seeds lists the seeds; keep one")
+    return seeds
+
+
 def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProblem) -> ExperimentSpec:
     """train/stability: fixed params and an optional grid, every combination checked now, before any run."""
     if "study" in top:
@@ -126,6 +144,7 @@ def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProble
                       "params and grid")
     params = typed_mapping(top["params"][1], fields, problem, "params") if "params" in top else {}
     points = grid_points(top["grid"][1], fields, problem) if "grid" in top else [({}, None)]
+    seeds = seeds_of(top, params, points, fields, problem)
     (cls,) = ENTRY_POINT_CONFIGS[spec.entry_point]
     params_nodes = top.get("params") or top["entry_point"]  # (key, value) where params problems point
     for point, node in points:
@@ -134,11 +153,11 @@ def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProble
             raise problem(node, f"{', '.join(sorted(both))} set in both params and grid; keep one")
         context = f" (grid point {point_name(point)})" if point else ""
         validated(cls, {**params, **point}, problem, [node, params_nodes[1]], node or params_nodes[0], context)
-    return dataclasses.replace(spec, params=params, grid=[point for point, _ in points])
+    return dataclasses.replace(spec, params=params, grid=[point for point, _ in points], seeds=seeds)
 
 
 def tune_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProblem, root) -> ExperimentSpec:
-    for key in ("params", "grid"):
+    for key in ("params", "grid", "seeds"):
         if key in top:
             raise problem(top[key][0], f"entry point tune takes a 'study' section, not '{key}'")
     if "study" not in top:
