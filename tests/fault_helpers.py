@@ -3,12 +3,21 @@
 import subprocess
 import sys
 
+from click.testing import CliRunner
 from mlflow import MlflowClient
+
+from pipeline.cli import cli
 
 
 def run_cli(env: dict, *args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipeline", *map(str, args)], env=env, cwd=cwd,
                           capture_output=True, text=True, timeout=300)
+
+
+def run_in_process(*args) -> subprocess.CompletedProcess:
+    """The same CLI, in this process (no second start of Python and torch): for the many quick cases."""
+    result = CliRunner().invoke(cli, list(map(str, args)))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def error_line(done: subprocess.CompletedProcess) -> str:

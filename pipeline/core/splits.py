@@ -59,8 +59,11 @@ class Splits:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / PREPARED_FILE
         tmp = directory / f"{PREPARED_FILE}.{os.getpid()}.tmp.npz"  # per process: workers may race
-        np.savez(tmp, **self.__dict__)  # uncompressed uint8: 55 MB, loads in a blink
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        try:
+            np.savez(tmp, **self.__dict__)  # uncompressed uint8: 55 MB, loads in a blink
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk: give the space of the half-written file back
         return path
 
     @classmethod
