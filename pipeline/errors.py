@@ -15,7 +15,7 @@ import sqlite3
 import click
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
-NO_WRITE = (errno.EACCES, errno.EPERM, errno.EROFS)
+NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's default store
 
 
@@ -39,8 +39,8 @@ def environment_problem(error: BaseException) -> str | None:
         if isinstance(e, OSError) and e.errno in DISK_FULL:
             return (f"the disk is full (writing {e.filename or 'a file'}); free some space, or point "
                     "MLFLOW_TRACKING_URI and the working folder at a disk with room, and run again")
-        if isinstance(e, OSError) and e.errno in NO_WRITE:
-            return f"cannot write {e.filename or 'a file'} ({e.strerror}); check the folder's permissions"
+        if isinstance(e, OSError) and e.errno in NO_ACCESS:
+            return f"cannot access {e.filename or 'a file'} ({e.strerror}); check its permissions"
         if isinstance(e, sqlite3.OperationalError):
             return (f"the MLflow tracking store {store} failed ({e}); check that its folder exists and is "
                     "writable and that its disk is not full")

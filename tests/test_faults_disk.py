@@ -102,3 +102,12 @@ def test_the_filler_really_fills_the_disk(tmp_path):
                 f.flush()
                 os.fsync(f.fileno())
         assert caught.value.errno == errno.ENOSPC
+
+
+def test_a_read_only_working_folder_ends_in_a_failed_run(tmp_path, subprocess_env, mlflow_store):
+    # The store is writable; the cache (./data) and the artifacts (./mlruns) are not.
+    raw = write_fake_dataset(tmp_path / "raw")
+    with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
+        done = run_cli(subprocess_env, "prepare", "--data-dir", raw, "--val-size", "100", cwd=ro)
+    assert "Read-only file system" in error_line(done)
+    assert run_statuses(mlflow_store) == {"prepare": ["FAILED"]}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlflow
 import yaml
-from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
+from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
@@ -55,29 +55,31 @@ def check_our_format(folder: Path, model_uri: str) -> None:
 
 
 @contextlib.contextmanager
-def pickle_disallowed():
-    """MLflow's own switch, off for the duration: pickled payloads are refused, pt2 archives checked."""
-    name = MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name
-    before = os.environ.get(name)
-    os.environ[name] = "false"
+def mlflow_settings(**values: str):
+    """MLflow's environment switches set for the duration, then restored as they were."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def load_own_model(model_uri: str):
     """The torch module of a model the project logged; PipelineError for anything else or a bad URI."""
     with tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        try:  # a few small files: no progress bar (it would interleave with the command's own output)
+            with mlflow_settings(**{MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}):
+                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         except Exception as e:  # MLflow raises many types for a bad URI: not found, bad scheme, ...
             raise PipelineError(f"cannot load model '{model_uri}' ({type(e).__name__}: {e}); use {URI_FORMS}")
         check_our_format(local, model_uri)
-        with pickle_disallowed():
+        # MLflow's own switch: pickled payloads refused, every record of the pt2 archive checked
+        with mlflow_settings(**{MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name: "false"}):
             try:
                 return mlflow.pytorch.load_model(str(local))
             except MlflowException as e:
