@@ -91,6 +91,7 @@ def test_a_truncated_prepared_cache_is_rebuilt(mlflow_store, fake):
 # Data files and folders that cannot be read
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("what", ["file", "folder"])
 def test_unreadable_data_is_one_line_and_a_failed_run(mlflow_store, subprocess_env, fake, what):
     target = fake / "train-images-idx3-ubyte.gz" if what == "file" else fake
@@ -166,6 +167,7 @@ def test_a_python_tag_in_an_experiment_file_is_one_line_and_never_run(mlflow_sto
 # Leaks
 
 
+@pytest.mark.slow
 def test_fetching_the_prepared_artifact_leaves_no_copy_behind(mlflow_store, fake, tmp_path, monkeypatch):
     assert run_in_process("prepare", "--data-dir", fake, "--val-size", "100").returncode == 0
     (run_id,) = mlflow.search_runs(search_all_experiments=True)["run_id"]

@@ -54,6 +54,7 @@ def hostile_champion(mlflow_store, tmp_path):
     return marker
 
 
+@pytest.mark.slow
 def test_the_hostile_model_really_runs_its_command_under_plain_mlflow(hostile_champion, subprocess_env):
     # The oracle that the attack is real: MLflow's own loader, with its defaults, runs the command.
     code = f"import mlflow\ntry:\n    mlflow.pytorch.load_model('{CHAMPION_URI}')\nexcept Exception:\n    pass"
