@@ -11,8 +11,13 @@ steps, and without PyTorch in its process (about 500 MB resident) the whole pipe
 
 import dataclasses
 import importlib
+import os
+import sys
 
 import click
+
+from pipeline.errors import (DEFAULT_TRACKING_URI, PipelineError, environment_problem, quiet_store_tracebacks,
+                             unwritable_sqlite_store)
 
 COMMANDS = {  # command name -> the module of the step that defines it
     "locate-data": "pipeline.steps.prepare",
@@ -28,6 +33,16 @@ COMMANDS = {  # command name -> the module of the step that defines it
 
 
 class LazyGroup(click.Group):
+    def invoke(self, ctx):
+        # A full disk or an unwritable store is the machine's fault, not a bug: one line, not a traceback.
+        # (Raised inside ``mlflow.start_run``, it has already ended the run FAILED if the store could.)
+        try:
+            return super().invoke(ctx)
+        except Exception as e:
+            if isinstance(e, click.ClickException) or environment_problem(e) is None:
+                raise
+            raise PipelineError(environment_problem(e)) from e
+
     def list_commands(self, ctx):
         return list(COMMANDS)
 
@@ -39,8 +54,15 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup)
-def cli():
+@click.pass_context
+def cli(ctx):
     """Fashion-MNIST softmax regression (d2l §3.7) as a tracked, tunable MLflow pipeline."""
+    quiet_store_tracebacks()
+    # Every command but locate-data records runs; asking for --help needs no store.
+    if ctx.invoked_subcommand != "locate-data" and "--help" not in sys.argv:
+        problem = unwritable_sqlite_store(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
+        if problem:
+            raise PipelineError(problem)
 
 
 def option_for(field: dataclasses.Field, only: tuple[str, ...] = ()):

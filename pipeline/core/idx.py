@@ -37,10 +37,13 @@ def read_idx(path: Path) -> np.ndarray:
     path = Path(path)
     try:
         raw = path.read_bytes()
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read the file ({e.strerror}); check that it exists and is readable")
+    try:
         if raw[:2] == b"\x1f\x8b":  # gzip magic
             raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
-        raise PipelineError(f"{path}: cannot read or decompress the file ({e}); is the gzip corrupt?")
+        raise PipelineError(f"{path}: cannot decompress the file ({e}); is the gzip corrupt?")
     if len(raw) < 4:
         raise PipelineError(f"{path}: file is {len(raw)} bytes, too short to be an IDX file")
     zero, dtype, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
@@ -90,8 +93,11 @@ def read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
 
 def _find_file(directory: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem):
-        if (directory / name).is_file():
-            return directory / name
+        try:
+            if (directory / name).is_file():
+                return directory / name
+        except PermissionError as e:  # a folder we may not look into is a mistake to report, not skip
+            raise PipelineError(f"cannot look into {directory} ({e.strerror}); check its permissions")
     return None
 
 

@@ -7,6 +7,8 @@ a key made of the raw files' bytes and the split settings, so an identical prepa
 import hashlib
 import json
 import os
+import sys
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,7 @@ from pipeline.errors import PipelineError
 
 PREPARED_FILE = "splits.npz"
 SPLITS = ("train", "val", "test")
+MIN_TRAIN_IMAGES = 2  # one image is no training set; an empty split would report NaN accuracy
 
 
 @dataclass
@@ -40,12 +43,27 @@ class Splits:
         counts = np.bincount(self.arrays(split)[1], minlength=NUM_CLASSES)
         return {name: int(c) for name, c in zip(CLASS_NAMES, counts)}
 
+    def problem(self) -> str | None:
+        """What makes these splits unusable (an empty split, labels not matching images), or None."""
+        for split in SPLITS:
+            x, y = self.arrays(split)
+            if len(x) != len(y):
+                return f"the {split} split has {len(x)} images but {len(y)} labels"
+            if len(y) == 0:
+                return f"the {split} split holds no images"
+        if len(self.train_y) < MIN_TRAIN_IMAGES:
+            return f"the train split holds {len(self.train_y)} image; training needs at least {MIN_TRAIN_IMAGES}"
+        return None
+
     def save(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / PREPARED_FILE
         tmp = directory / f"{PREPARED_FILE}.{os.getpid()}.tmp.npz"  # per process: workers may race
-        np.savez(tmp, **self.__dict__)  # uncompressed uint8: 55 MB, loads in a blink
-        tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        try:
+            np.savez(tmp, **self.__dict__)  # uncompressed uint8: 55 MB, loads in a blink
+            tmp.replace(path)  # atomic: a crash never leaves a half-written cache behind
+        finally:
+            tmp.unlink(missing_ok=True)  # a full disk: give the space of the half-written file back
         return path
 
     @classmethod
@@ -59,14 +77,19 @@ class Splits:
                 "--data with the prepare run's artifact URI (runs:/<run_id>/prepared)"
             )
         try:
-            with np.load(path) as f:
-                return cls(**{k: f[k] for k in cls.__dataclass_fields__})
-        except (OSError, KeyError, ValueError, zlib.error) as e:
+            with np.load(path) as f:  # f[k] reads the whole array into memory
+                splits = cls(**{k: f[k] for k in cls.__dataclass_fields__})
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:
             raise PipelineError(f"{path}: not a valid prepared split ({e}); run prepare again")
+        if splits.problem():
+            raise PipelineError(f"{path}: {splits.problem()}; run prepare again")
+        return splits
 
 
 def stratified_take(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of n items whose class mix matches ``labels``' (largest-remainder rounding)."""
+    if n == 0:  # an empty file: nothing to take (split_data then refuses the empty split)
+        return np.zeros(0, dtype=np.int64)
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts * n / len(labels)
     take = np.floor(quota).astype(int)
@@ -90,11 +113,16 @@ def split_data(train_x, train_y, test_x, test_y, cfg: DataConfig) -> Splits:
         val_idx = val_idx[stratified_take(train_y[val_idx], min(cfg.limit, len(val_idx)), rng)]
         test_idx = np.sort(stratified_take(test_y, min(cfg.limit, len(test_y)), rng))
     as_labels = lambda y: y.astype(np.int64)  # noqa: E731 (torch's losses want int64 targets)
-    return Splits(
+    splits = Splits(
         train_x=train_x[train_idx], train_y=as_labels(train_y[train_idx]),
         val_x=train_x[val_idx], val_y=as_labels(train_y[val_idx]),
         test_x=test_x[test_idx], test_y=as_labels(test_y[test_idx]),
     )
+    if splits.problem():
+        raise PipelineError(f"{splits.problem()} (val_size {cfg.val_size}, limit {cfg.limit}, "
+                            f"{len(train_y)} training and {len(test_y)} test images in the raw files); "
+                            "change val_size or limit, or check the data files")
+    return splits
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,7 +139,10 @@ def array_digest(*arrays: np.ndarray) -> str:
 
 
 def file_digest(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read the file ({e.strerror}); check its permissions")
 
 
 def cache_key(raw: dict[str, Path], cfg: DataConfig) -> str:
@@ -132,7 +163,11 @@ def prepare_splits(cfg: DataConfig, cache_root: Path = LOCAL_ROOT / "prepared") 
     cached = cache_root / key / PREPARED_FILE
     info = {"source": str(raw["train_images"].parent.resolve()), "cache_key": key, "reused": cached.is_file()}
     if cached.is_file():
-        return Splits.load(cached), cached, info
+        try:
+            return Splits.load(cached), cached, info
+        except PipelineError:  # truncated or damaged (a full disk, a copy gone wrong): build it anew
+            print(f"warning: the cached split {cached} is damaged; preparing it again", file=sys.stderr)
+            info["reused"] = False
     train_x, train_y = read_split(raw["train_images"], raw["train_labels"])
     test_x, test_y = read_split(raw["test_images"], raw["test_labels"])
     splits = split_data(train_x, train_y, test_x, test_y, cfg)

@@ -21,13 +21,19 @@ from pipeline.errors import PipelineError
 
 
 class DivergedError(PipelineError):
-    """The loss became NaN or infinite: the learning rate is too large for this model."""
+    """The loss became NaN or infinite: the learning rate, or the weight decay with it, is too large."""
 
-    def __init__(self, epoch: int, metrics: dict):
+    def __init__(self, epoch: int, metrics: dict, cfg: TrainConfig):
         self.epoch, self.metrics = epoch, metrics
+        # SGD's decay step multiplies the weights by (1 - lr * weight_decay): from a product of 1 on
+        # it overshoots zero every step, and above 2 it grows them, whatever the gradient does.
+        decay = cfg.lr * cfg.weight_decay
+        advice = (f"lower the weight decay or the learning rate (lr x weight decay = {decay:g}; keep it well "
+                  "below 1)" if decay >= 1 else "lower the learning rate")
         super().__init__(
             f"training diverged at epoch {epoch}: loss is {metrics.get('train_loss')} "
-            f"(val loss {metrics.get('val_loss')}); lower the learning rate"
+            f"(val loss {metrics.get('val_loss')}) with lr {cfg.lr:g} and weight decay {cfg.weight_decay:g}; "
+            f"{advice}"
         )
 
 
@@ -120,7 +126,7 @@ def fit(model: nn.Module, data: Tensors, cfg: TrainConfig,
             metrics["test_loss"], metrics["test_accuracy"] = score(model, *data.test)
         result.history.append(metrics)
         if not (math.isfinite(train_loss) and math.isfinite(val_loss)):
-            raise DivergedError(epoch, metrics)
+            raise DivergedError(epoch, metrics, cfg)
         if val_acc > result.best_val_accuracy:
             result.best_epoch, result.best_val_accuracy = epoch, val_acc
             best_state = copy.deepcopy(model.state_dict())

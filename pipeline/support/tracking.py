@@ -23,6 +23,7 @@ from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits, t
 from pipeline.errors import PipelineError
 from pipeline.names import DATASET_CONTEXTS, MODEL_ARTIFACT
 from pipeline.support.params import log_new_params  # noqa: F401 (the steps call it as tracking.log_new_params)
+from pipeline.support.safe_models import load_own_model
 
 
 @functools.cache
@@ -78,37 +79,44 @@ def log_datasets(splits: Splits, source: str) -> None:
 
 
 def fetch_prepared(data_uri: str) -> Splits:
-    """Load the prepared splits from a local path or any MLflow artifact URI (runs:/<id>/prepared)."""
+    """Load the prepared splits from a local path or any MLflow artifact URI (runs:/<id>/prepared).
+
+    An artifact is downloaded into a temporary folder that is deleted once its arrays are in memory
+    (``Splits.load`` reads them eagerly): every step reads the 55 MB split, and none keeps a copy.
+    """
     if Path(data_uri).exists():
         return Splits.load(Path(data_uri))
-    try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri, dst_path=tempfile.mkdtemp())
-    except Exception as e:
-        raise PipelineError(
-            f"cannot fetch the prepared data from '{data_uri}' ({type(e).__name__}: {e}); pass the "
-            "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
-        )
-    return Splits.load(Path(local))
+    with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri, dst_path=tmp)
+        except Exception as e:
+            raise PipelineError(
+                f"cannot fetch the prepared data from '{data_uri}' ({type(e).__name__}: {e}); pass the "
+                "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
+            )
+        return Splits.load(Path(local))
 
 
 def load_data(data_uri: str) -> Splits:
-    """The prepared splits named by ``data_uri``; with none given, prepare the default ones here."""
+    """The prepared splits named by ``data_uri``; with none given, prepare the default ones here.
+
+    The datasets are logged to the active run; without one (``predict``) nothing is logged, since
+    ``mlflow.log_input`` would otherwise start a stray run of its own.
+    """
     if data_uri:
         return fetch_prepared(data_uri)
     splits = prepare_splits(DataConfig())[0]
-    log_datasets(splits, "prepared in this run with the default settings")
+    if mlflow.active_run() is not None:
+        log_datasets(splits, "prepared in this run with the default settings")
     return splits
 
 
 def load_model(model_uri: str):
-    """Load a logged model from runs:/..., models:/name@alias, models:/<model_id> or a path."""
-    try:
-        return mlflow.pytorch.load_model(model_uri)
-    except Exception as e:  # MLflow raises many types for a bad URI: not found, bad scheme, ...
-        raise PipelineError(
-            f"cannot load model '{model_uri}' ({type(e).__name__}: {e}); use runs:/<run_id>/model, "
-            "models:/<name>@<alias>, models:/<name>/<version> or models:/<model_id>"
-        )
+    """Load a model the project logged, from runs:/..., models:/name@alias, models:/<model_id> or a path.
+
+    Anything not in the project's own pt2 format is refused before it is read (``safe_models``).
+    """
+    return load_own_model(model_uri)
 
 
 def logged_model_id(model_uri: str) -> str | None:

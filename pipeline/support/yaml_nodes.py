@@ -91,7 +91,10 @@ def coerce(value, expected):
 
 
 def typed_value(node: yaml.Node, expected, problem: FileProblem, what: str):
-    value = SafeConstructor().construct_object(node, deep=True)
+    try:
+        value = SafeConstructor().construct_object(node, deep=True)
+    except yaml.constructor.ConstructorError as e:  # e.g. a !!python/object tag: never built, refused
+        raise problem(node, f"{what}: {e.problem}; only plain YAML values are read")
     try:
         return coerce(value, expected)
     except TypeError:
