@@ -10,6 +10,7 @@ steps, and without PyTorch in its process (about 500 MB resident) the whole pipe
 """
 
 import dataclasses
+import functools
 import importlib
 
 import click
@@ -35,12 +36,36 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(COMMANDS[name])
-        return getattr(module, name.replace("-", "_") + "_command")
+        return after_options_are_parsed(getattr(module, name.replace("-", "_") + "_command"))
+
+
+def after_options_are_parsed(command: click.Command) -> click.Command:
+    """Before the command runs (its options parsed): end the runs that killed processes left RUNNING,
+    and mark the run that ``mlflow run`` launched this process for as this process's own."""
+    if getattr(command, "cleans_up_first", False):
+        return command
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        from pipeline.support import owners
+
+        owners.claim_launched_run()
+        owners.end_runs_of_dead_processes()
+        return callback(*args, **kwargs)
+
+    command.callback, command.cleans_up_first = run, True
+    return command
 
 
 @click.group(cls=LazyGroup)
 def cli():
     """Fashion-MNIST softmax regression (d2l §3.7) as a tracked, tunable MLflow pipeline."""
+    # Every command passes here first: several commands started at once on a new store must not
+    # race to create it (nothing is opened yet: --help and bad options leave no store behind).
+    from pipeline.support import stores
+
+    stores.open_mlflow_stores_under_a_lock()
 
 
 def option_for(field: dataclasses.Field):

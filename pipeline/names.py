@@ -48,6 +48,7 @@ ROLE_TAG = "pipeline.role"  # "experiment" on an experiment file's parent run, "
 FILE_TAG = "pipeline.experiment_file"
 POINT_TAG = "pipeline.grid_point"
 SMOKE_TAG = "pipeline.smoke"
+OWNER_TAG = "pipeline.owner"  # the process running a run: {"host", "pid", "started"} (pipeline.support.owners)
 
 # --- Optuna user attributes of a trial -------------------------------------------------------------
 RUN_ID_ATTR = "mlflow_run_id"
@@ -56,4 +57,5 @@ BEST_EPOCH_ATTR = "best_epoch"
 FAIL_REASON_ATTR = "fail_reason"  # a failed trial with a result: training diverged
 INTERRUPTED_ATTR = "interrupted"  # a failed trial without a result: its place goes to a new trial
 RECIPE_ATTR = "recipe"  # the seed recipe's trial
+OWNER_ATTR = "owner"  # the process running a trial, as OWNER_TAG
 STUDY_BEST_MODEL_ATTR = "best_model_uri"  # on the study
