@@ -40,8 +40,9 @@ class LazyGroup(click.Group):
 
 
 def after_options_are_parsed(command: click.Command) -> click.Command:
-    """Before the command runs (its options parsed): end the runs that killed processes left RUNNING,
-    and mark the run that ``mlflow run`` launched this process for as this process's own."""
+    """Before the command runs (its options parsed): mark the runs of this process as its own (the run
+    ``mlflow run`` created for it, and each run it creates), and end the runs that killed processes
+    left RUNNING (``pipeline.support.owners``)."""
     if getattr(command, "cleans_up_first", False):
         return command
     callback = command.callback
@@ -50,6 +51,7 @@ def after_options_are_parsed(command: click.Command) -> click.Command:
     def run(*args, **kwargs):
         from pipeline.support import owners
 
+        owners.tag_new_runs_with_their_owner()
         owners.claim_launched_run()
         owners.end_runs_of_dead_processes()
         return callback(*args, **kwargs)

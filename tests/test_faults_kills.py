@@ -112,6 +112,10 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_exactly_the_trials_asked_f
     rerun = subprocess.run(tune(data, storage), env=subprocess_env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert_study_is_whole(load(storage), TRIALS)
+    study = load(storage)
+    print(f"{kills} SIGKILLs survived on {study._storage.__class__.__name__}: {len(study.trials)} trials, "
+          f"{sum(map(counts_toward_total, study.trials))} with a result, {len(left_behind)} runs left RUNNING, "
+          "all ended by the next command")
     for run in left_behind:  # the killed tune parents and their trials: ended, saying why
         ended = mlflow.get_run(run.info.run_id)
         assert ended.info.status == "KILLED" and "died without ending it" in ended.data.tags[FAILURE_TAG]

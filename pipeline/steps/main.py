@@ -10,6 +10,7 @@ downstream re-runs too.
 
 import contextlib
 import functools
+import getpass
 import hashlib
 import json
 import shlex
@@ -31,7 +32,6 @@ from pipeline.config import DataConfig, MainConfig, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT,
                             STEP_TAG)
-from pipeline.support import owners
 from pipeline.support.registry import promote_if_better
 from pipeline.support.signals import interrupts_raise_keyboard_interrupt
 
@@ -114,10 +114,10 @@ def identical_steps_one_at_a_time(experiment_id: str, entry_point: str, params: 
 
     Two identical ``main`` runs started together would otherwise both miss a finished step, and both
     train and register twins: now the second waits for the first's step, then reuses it. The lock
-    lives in the temporary folder: this holds for the ``main`` runs of one machine.
+    lives in a temporary folder of the user's: this holds for one user's ``main`` runs on one machine.
     """
     key = json.dumps([mlflow.get_tracking_uri(), experiment_id, entry_point, params, version], sort_keys=True)
-    folder = Path(tempfile.gettempdir()) / "fashion-mnist-pipeline-steps"
+    folder = Path(tempfile.gettempdir()) / f"fashion-mnist-pipeline-steps-{getpass.getuser()}"
     folder.mkdir(exist_ok=True)
     lock = filelock.FileLock(folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock")
     try:
@@ -196,7 +196,6 @@ def main_command(**options):
     # SIGTERM acts like Ctrl-C: MLflow then stops the running step (and fails its run), and main's
     # run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
     with interrupts_raise_keyboard_interrupt(), mlflow.start_run(run_name="main"):
-        owners.claim_active_run()
         try:
             result = run_main(data, train, cfg)
         except KeyboardInterrupt as e:

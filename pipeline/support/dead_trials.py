@@ -57,9 +57,13 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
 
 
 def watched_running_trials(study: optuna.Study) -> list[int]:
-    """RUNNING trials whose death would be noticed (owner on this host, or heartbeats): worth waiting for."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if has_heartbeats(study):
-        return [t.number for t in running]
-    here = owners.this_host()
-    return [t.number for t in running if owners.host_of(t.user_attrs.get(OWNER_ATTR, "")) == here]
+    """RUNNING trials whose death would be noticed, so worth waiting for: their owner runs on this host,
+    or on another with heartbeats. (A trial whose worker died before recording its owner, within a
+    millisecond of its start, is not waited for: it holds its place, as trials did before owners.)"""
+    here, heartbeats = owners.this_host(), has_heartbeats(study)
+    watched = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host = owners.host_of(trial.user_attrs.get(OWNER_ATTR, ""))
+        if host == here or (host is not None and heartbeats):
+            watched.append(trial.number)
+    return watched

@@ -14,6 +14,8 @@ import socket
 import mlflow
 import psutil
 from mlflow import MlflowClient
+from mlflow.tracking.context import registry as context_registry
+from mlflow.tracking.context.abstract_context import RunContextProvider
 
 from pipeline.names import FAILURE_TAG, OWNER_TAG
 from pipeline.support.stores import sqlite_file
@@ -65,6 +67,22 @@ def claim_launched_run() -> None:
 
 def claim_active_run() -> None:
     mlflow.set_tag(OWNER_TAG, this_process())
+
+
+class OwnerContext(RunContextProvider):
+    """Adds the owner tag to every run this process creates (MLflow's run-context plugin interface)."""
+
+    def in_context(self):
+        return True
+
+    def tags(self):
+        return {OWNER_TAG: this_process()}
+
+
+def tag_new_runs_with_their_owner() -> None:
+    """Give each run created from now on in this process the owner tag (once per process)."""
+    if not any(isinstance(p, OwnerContext) for p in context_registry._run_context_provider_registry):
+        context_registry._run_context_provider_registry.register(OwnerContext)
 
 
 def end_runs_of_dead_processes() -> list[str]:
