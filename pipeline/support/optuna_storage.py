@@ -20,7 +20,7 @@ from pipeline.config import JOURNAL_SCHEME, SearchSpace, TuneConfig, is_journal
 from pipeline.errors import PipelineError
 from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
 from pipeline.support.search import seed_recipe_params
-from pipeline.support.stores import creation_lock
+from pipeline.support.stores import create_if_new, creation_lock
 
 
 def printable_url(url: str) -> str:
@@ -61,6 +61,7 @@ def open_database_storage(cfg: TuneConfig, attempts: int = 3) -> RDBStorage:
             # a new sqlite file is created by one process at a time (the others wait, then open it)
             with warnings.catch_warnings(), creation_lock(cfg.storage):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                create_if_new(cfg.storage, lambda staging: RDBStorage(staging).engine.dispose())
                 return RDBStorage(with_installed_driver(cfg.storage), engine_kwargs=engine_kwargs,
                                   heartbeat_interval=cfg.heartbeat_interval,
                                   heartbeat_stale_trial_callback=close_stale_run)

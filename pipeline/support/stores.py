@@ -4,12 +4,14 @@ The first process that opens a new sqlite store creates its tables, and MLflow t
 step by step. Two processes doing that at the same moment collide ("table _alembic_tmp_experiments
 already exists"), and the loser can leave the file half-migrated for good. So every sqlite store is
 opened under a file lock beside it (``mlflow.db.lock``): the first process creates and migrates it
-while the others wait, then find it ready. Opening an existing store under the lock takes
-milliseconds. Other databases (PostgreSQL, MySQL) have no file to lock beside: their creation is
+while the others wait, then find it ready. It is made in a staging file and moved into place when
+complete, so that a process killed meanwhile leaves no half-made store. Opening an existing store
+under the lock takes milliseconds. Other databases (PostgreSQL, MySQL) have no file to lock beside: their creation is
 retried instead (``pipeline.support.optuna_storage``).
 """
 
 import contextlib
+import os
 from pathlib import Path
 
 import filelock
@@ -39,10 +41,28 @@ def creation_lock(url: str):
         yield
 
 
+def create_if_new(url: str, create) -> None:
+    """Create a new sqlite store in a staging file, then move it into place (call under the lock).
+
+    A process killed while MLflow migrates a new store would otherwise leave it half-made for good
+    (``_alembic_tmp_experiments``): now it leaves only the staging file, which the next try replaces.
+    ``create(staging_url)`` makes the store's tables and closes its connections.
+    """
+    path = sqlite_file(url)
+    if path is None or (path.exists() and path.stat().st_size > 0):
+        return
+    staging = path.with_name(path.name + ".new")
+    for leftover in (staging, Path(f"{staging}-journal")):
+        leftover.unlink(missing_ok=True)
+    create(make_url(url).set(database=str(staging)).render_as_string(hide_password=False))
+    os.replace(staging, path)
+
+
 def locked(builder):
-    """A store builder that builds under the store's creation lock."""
+    """A store builder that creates a new store safely, and builds under the store's creation lock."""
     def build(store_uri, *args, **kwargs):
         with creation_lock(store_uri):
+            create_if_new(store_uri, lambda staging: builder(staging, *args, **kwargs).engine.dispose())
             return builder(store_uri, *args, **kwargs)
     return build
 
