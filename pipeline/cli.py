@@ -10,6 +10,7 @@ steps, and without PyTorch in its process (about 500 MB resident) the whole pipe
 """
 
 import dataclasses
+import functools
 import importlib
 import os
 import sys
@@ -50,7 +51,28 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(COMMANDS[name])
-        return getattr(module, name.replace("-", "_") + "_command")
+        return after_options_are_parsed(getattr(module, name.replace("-", "_") + "_command"))
+
+
+def after_options_are_parsed(command: click.Command) -> click.Command:
+    """Before the command runs (its options parsed): mark the runs of this process as its own (the run
+    ``mlflow run`` created for it, and each run it creates), and end the runs that killed processes
+    left RUNNING (``pipeline.support.owners``)."""
+    if getattr(command, "cleans_up_first", False):
+        return command
+    callback = command.callback
+
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        from pipeline.support import owners
+
+        owners.tag_new_runs_with_their_owner()
+        owners.claim_launched_run()
+        owners.end_runs_of_dead_processes()
+        return callback(*args, **kwargs)
+
+    command.callback, command.cleans_up_first = run, True
+    return command
 
 
 @click.group(cls=LazyGroup)
@@ -63,6 +85,11 @@ def cli(ctx):
         problem = unwritable_sqlite_store(os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI))
         if problem:
             raise PipelineError(problem)
+    # Every command passes here first: several commands started at once on a new store must not
+    # race to create it (nothing is opened yet: --help and bad options leave no store behind).
+    from pipeline.support import stores
+
+    stores.open_mlflow_stores_under_a_lock()
 
 
 def option_for(field: dataclasses.Field, only: tuple[str, ...] = ()):

@@ -58,6 +58,7 @@ SMOKE_TAG = "pipeline.smoke"
 CONVEX_SUMMARY_TAG = "pipeline.convex_summary"  # the convex optimum and how close the study came, in words
 SEED_TAG = "pipeline.seed"  # experiment files with seeds: the seed of the run (its point is POINT_TAG)
 TEST_DIGEST_TAG = "pipeline.test_digest"  # which test images the evaluation saw (paired tests need the same)
+OWNER_TAG = "pipeline.owner"  # the process running a run: {"host", "pid", "started"} (pipeline.support.owners)
 
 # --- Optuna user attributes of a trial -------------------------------------------------------------
 RUN_ID_ATTR = "mlflow_run_id"
@@ -66,5 +67,6 @@ BEST_EPOCH_ATTR = "best_epoch"
 FAIL_REASON_ATTR = "fail_reason"  # a failed trial with a result: training diverged
 INTERRUPTED_ATTR = "interrupted"  # a failed trial without a result: its place goes to a new trial
 RECIPE_ATTR = "recipe"  # the seed recipe's trial
+OWNER_ATTR = "owner"  # the process running a trial, as OWNER_TAG
 STUDY_BEST_MODEL_ATTR = "best_model_uri"  # on the study
 STUDY_DATA_ATTRS = ("train_digest", "val_digest")  # on the study: the data its trials trained and chose on

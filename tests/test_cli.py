@@ -49,9 +49,9 @@ def test_entry_point_parameters_are_the_commands_options(entry_point):
             continue
         spec = declared[param.name]
         if isinstance(param, click.Argument):
-            assert spec["type"] == "path" and f"{{{param.name}}}" in argv
+            assert spec["type"] == "string" and f"{{{param.name}}}" in argv  # see MLproject: not MLflow's path
             continue
-        assert spec["type"] == ("path" if param.name == "file" else MLPROJECT_TYPES.get(param.type, "string")), param.name
+        assert spec["type"] == MLPROJECT_TYPES.get(param.type, "string"), param.name
         assert argv[argv.index(param.opts[0]) + 1] == f"{{{param.name}}}", f"{param.opts[0]} is passed on"
         if param.required:
             assert "default" not in spec, f"{param.name} is required by the command, so MLproject gives no default"

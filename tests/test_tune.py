@@ -260,12 +260,14 @@ def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(real_slice, subprocess_
 
 
 @pytest.mark.slow
-def test_killed_worker_is_failed_by_its_missing_heartbeat(real_slice, subprocess_env, tmp_path):
-    """kill -9 leaves no chance to clean up: the next run notices the silent trial and closes it."""
+def test_killed_worker_is_failed_at_once_by_the_next_run(real_slice, subprocess_env, tmp_path):
+    """kill -9 leaves no chance to clean up: the next run sees the trial's owner process gone and closes it.
+
+    (A worker on another host is found by its missing heartbeats instead: tests/test_faults_kills.py.)
+    """
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, heartbeat_interval=1,
-                     patience=0, pruner="none")
+    cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, patience=0, pruner="none")
     long_trials = SearchSpace(epochs_low=300, epochs_high=300)
     script = ("import sys; from pipeline.steps.tune import *; "
               f"run_study({cfg!r}, {long_trials!r}, sys.argv[1])")
@@ -273,12 +275,11 @@ def test_killed_worker_is_failed_by_its_missing_heartbeat(real_slice, subprocess
     wait_for_running_trial(storage, 1)
     process.kill()
     process.wait()
-    time.sleep(2 * cfg.heartbeat_interval + 1)  # Optuna's grace period: two missed heartbeats
 
-    study = run_study(cfg, SMALL_SPACE, str(data))
+    study = run_study(cfg, SMALL_SPACE, str(data))  # at once: no waiting for missed heartbeats
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
     killed = mlflow.get_run(study.trials[1].user_attrs[RUN_ID_ATTR])
-    assert killed.info.status == "KILLED" and "heartbeats" in killed.data.tags["pipeline.failure"]
+    assert killed.info.status == "KILLED" and "died without ending it" in killed.data.tags["pipeline.failure"]
     assert_one_finished_run_per_trial(study)
 
 

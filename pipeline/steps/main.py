@@ -8,15 +8,20 @@ themselves parameters of the next step: a re-run upstream step gives a new URI, 
 downstream re-runs too.
 """
 
+import contextlib
 import functools
+import getpass
 import hashlib
+import json
 import shlex
 import subprocess
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
+import filelock
 import mlflow
 import yaml
 from mlflow import MlflowClient
@@ -27,10 +32,12 @@ from pipeline.cli import make_config, options_from
 from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
 from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
-from pipeline.names import BEST_MODEL_TAG, CODE_VERSION_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT, STEP_TAG, STUDY_TAG
+from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT,
+                            STEP_TAG, STUDY_TAG)
 from pipeline.support.delivery import record_delivered
 from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
+from pipeline.support.signals import interrupts_raise_keyboard_interrupt
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -105,11 +112,39 @@ def find_finished_run(experiment_id: str, entry_point: str, params: dict, versio
     return None
 
 
+@contextlib.contextmanager
+def identical_steps_one_at_a_time(experiment_id: str, entry_point: str, params: dict, version: str):
+    """Hold a lock named after the step (store, experiment, entry point, parameters, code version).
+
+    Two identical ``main`` runs started together would otherwise both miss a finished step, and both
+    train and register twins: now the second waits for the first's step, then reuses it. The lock
+    lives in a temporary folder of the user's: this holds for one user's ``main`` runs on one machine.
+    """
+    key = json.dumps([mlflow.get_tracking_uri(), experiment_id, entry_point, params, version], sort_keys=True)
+    folder = Path(tempfile.gettempdir()) / f"fashion-mnist-pipeline-steps-{getpass.getuser()}"
+    folder.mkdir(exist_ok=True)
+    lock = filelock.FileLock(folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        print(f"[main] waiting for an identical {entry_point} step that another main is running")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_step(entry_point: str, params: dict, force: bool) -> Run:
     """Reuse a finished identical step, or launch it as a child run of the active run."""
     parent = mlflow.active_run()
     version = code_version()
     experiment_id = parent.info.experiment_id
+    with identical_steps_one_at_a_time(experiment_id, entry_point, params, version):
+        return reuse_or_launch(entry_point, params, force, experiment_id, version)
+
+
+def reuse_or_launch(entry_point: str, params: dict, force: bool, experiment_id: str, version: str) -> Run:
     reused = None if force else find_finished_run(experiment_id, entry_point, params, version)
     if reused is not None:
         print(f"[main] reusing {entry_point} run {reused.info.run_id}")
@@ -188,8 +223,15 @@ def main_command(**options):
     data, train = make_config(DataConfig, options), make_config(TrainConfig, options)
     cfg = make_config(MainConfig, options)
     refuse_idle_settings(given, cfg.trials)
-    with mlflow.start_run(run_name="main"):
-        result = run_main(data, train, cfg)
+    # SIGTERM acts like Ctrl-C: MLflow then stops the running step (and fails its run), and main's
+    # run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
+    with interrupts_raise_keyboard_interrupt(), mlflow.start_run(run_name="main"):
+        try:
+            result = run_main(data, train, cfg)
+        except KeyboardInterrupt as e:
+            mlflow.set_tag(FAILURE_TAG, f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})")
+            mlflow.end_run("KILLED")
+            raise
     test = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"], result["test_accuracy_ci_high"]) \
         if "test_accuracy_ci_low" in result else f"{result['test_accuracy']:.4f}"
     click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {test}; "

@@ -13,7 +13,6 @@ How a study runs (``run_study``), inside the MLflow run of the ``tune`` command 
 """
 
 import contextlib
-import warnings
 from dataclasses import asdict
 
 import click
@@ -25,7 +24,8 @@ from pipeline.config import DataInput, SearchSpace, TuneConfig
 from pipeline.core.splits import Splits, array_digest
 from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_TAG
 from pipeline.steps.evaluate import evaluate_on_test
-from pipeline.support import tracking
+from pipeline.support import owners, tracking
+from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.optuna_storage import open_storage, open_study, printable_url
 from pipeline.support.registry import promote_if_better
 from pipeline.support.study_record import describe, log_figures, log_trials_table, record_best
@@ -53,6 +53,7 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
     own_run = mlflow.start_run(run_name="tune") if mlflow.active_run() is None else contextlib.nullcontext()
     with own_run, interrupts_raise_keyboard_interrupt():
         parent = mlflow.active_run().info
+        owners.claim_active_run()  # if this process is killed, the next command ends this run
         tracking.log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),
                                  **asdict(space), "data": data_uri})
         mlflow.set_tag(STUDY_TAG, tune_cfg.study_name)
@@ -60,9 +61,7 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
         # the study remembers its data and refuses other data: trials on other splits are not comparable
         digests = dict(zip(STUDY_DATA_ATTRS, (array_digest(*splits.arrays(s)) for s in ("train", "val"))))
         study = open_study(tune_cfg, space, open_storage(tune_cfg), digests)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # trials whose worker died since (SQL storages)
+        recover_dead_trials(study)  # trials whose worker was killed since: their places are free again
         run_workers(tune_cfg, space, splits, parent)
         log_trials_table(study)
         log_figures(study)

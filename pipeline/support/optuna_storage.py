@@ -20,6 +20,7 @@ from pipeline.config import JOURNAL_SCHEME, SearchSpace, TuneConfig, is_journal
 from pipeline.errors import PipelineError
 from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
 from pipeline.support.search import seed_recipe_params
+from pipeline.support.stores import create_if_new, creation_lock
 
 
 def printable_url(url: str) -> str:
@@ -32,13 +33,14 @@ def printable_url(url: str) -> str:
         return url
 
 
-def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial,
+                    reason: str = "its worker stopped sending heartbeats (killed or lost)") -> None:
     """Heartbeat callback: Optuna has failed a trial whose worker died silently; end its MLflow run too."""
     run_id = trial.user_attrs.get(RUN_ID_ATTR)
     if run_id:
         client = MlflowClient()
         client.set_tag(run_id, TRIAL_STATE_TAG, TrialState.FAIL.name)
-        client.set_tag(run_id, FAILURE_TAG, "its worker stopped sending heartbeats (killed or lost)")
+        client.set_tag(run_id, FAILURE_TAG, reason)
         client.set_terminated(run_id, status="KILLED")
 
 
@@ -56,13 +58,15 @@ def open_database_storage(cfg: TuneConfig, attempts: int = 3) -> RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
     for attempt in range(1, attempts + 1):
         try:
-            with warnings.catch_warnings():
+            # a new sqlite file is created by one process at a time (the others wait, then open it)
+            with warnings.catch_warnings(), creation_lock(cfg.storage):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                create_if_new(cfg.storage, lambda staging: RDBStorage(staging).engine.dispose())
                 return RDBStorage(with_installed_driver(cfg.storage), engine_kwargs=engine_kwargs,
                                   heartbeat_interval=cfg.heartbeat_interval,
                                   heartbeat_stale_trial_callback=close_stale_run)
-        # Workers that open a new database at the same moment all create Optuna's tables, and the
-        # losers fail on a duplicate table or key. The tables exist by then: opening again works.
+        # Workers that open a new database server at the same moment all create Optuna's tables, and
+        # the losers fail on a duplicate table or key. The tables exist by then: opening again works.
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
             if attempt == attempts:
                 raise

@@ -1,5 +1,7 @@
 """What a finished study leaves on its parent MLflow run: the trials table, figures and the best trial."""
 
+from collections import Counter
+
 import mlflow
 import optuna
 import pandas as pd
@@ -70,5 +72,7 @@ def describe(study: optuna.Study) -> str:
     """One line for the terminal: the study's size and its best trial."""
     best = study.best_trial
     params = ", ".join(f"{k} {v:.4g}" for k, v in training_params(best.params).items())
-    return (f"study {study.study_name!r}: {len(study.trials)} trials; best trial {best.number}: "
+    states = Counter(t.state.name.lower() for t in study.trials)  # e.g. a killed trial shows as failed
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    return (f"study {study.study_name!r}: {len(study.trials)} trials ({counts}); best trial {best.number}: "
             f"val accuracy {best.value:.4f} with {params}; model: {best.user_attrs[MODEL_URI_ATTR]}")

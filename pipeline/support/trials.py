@@ -4,6 +4,8 @@ Each trial trains with ``pipeline.steps.train.train`` (so a trial logs exactly w
 and reports every epoch's val accuracy to the pruner.
 """
 
+import time
+
 import mlflow
 import optuna
 import torch
@@ -13,9 +15,11 @@ from pipeline.config import SearchSpace, TrainConfig, TuneConfig
 from pipeline.core.splits import Splits
 from pipeline.core.training import DivergedError, Tensors
 from pipeline.names import (BEST_EPOCH_ATTR, FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR,
-                            RUN_ID_ATTR, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG)
+                            OWNER_ATTR, OWNER_TAG, RUN_ID_ATTR, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG)
 from pipeline.steps.train import train
+from pipeline.support.dead_trials import recover_dead_trials, watched_running_trials
 from pipeline.support.optuna_storage import open_storage
+from pipeline.support.owners import this_process
 from pipeline.support.search import make_pruner, make_sampler, suggest_params
 
 
@@ -45,11 +49,13 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
     The MLflow run always ends: FINISHED when complete or pruned, FAILED when training diverged,
     KILLED when interrupted; its tag ``pipeline.trial_state`` holds Optuna's state.
     """
+    trial.set_user_attr(OWNER_ATTR, this_process())  # first: if this process dies, a later run can tell
     params = suggest_params(trial, space)
     train_cfg = TrainConfig(**params, batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed)
     run = mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=parent.experiment_id,
                            parent_run_id=parent.run_id, nested=True,
-                           tags={STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number)})
+                           tags={STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number),
+                                 OWNER_TAG: this_process()})
     state, status = TrialState.FAIL, "FAILED"
     try:
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
@@ -93,12 +99,32 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
     study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg),
                               pruner=make_pruner(cfg.pruner, space))
     while True:
+        recover_dead_trials(study)
         trials = study.get_trials(deepcopy=False)
         if sum(map(counts_toward_total, trials)) >= cfg.trials:
-            return
+            if not wait_for_running_trials(study):
+                return
+            continue  # they ended: count again, a place may be free
         study.sampler = make_sampler(cfg.sampler, cfg.seed + len(trials))
         study.optimize(lambda trial: run_trial(trial, cfg, space, splits, tensors, parent),
                        n_trials=1, catch=(DivergedError,))
+
+
+def wait_for_running_trials(study: optuna.Study, poll_seconds: float = 1.0) -> bool:
+    """Wait while the study's last trials run in other workers; False if there were none.
+
+    The study is full, but a running trial may still be interrupted or its worker die: then its
+    place is free again and this worker takes it, so that the study ends with the trials asked for.
+    Only trials whose death would be noticed are waited for (``watched_running_trials``).
+    """
+    waited = False
+    while running := watched_running_trials(study):
+        if not waited:
+            print(f"tune: waiting for trial(s) {', '.join(map(str, running))} of other workers to finish")
+            waited = True
+        time.sleep(poll_seconds)
+        recover_dead_trials(study)
+    return waited
 
 
 def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:

@@ -1,42 +1,14 @@
-"""Worker processes for ``tune --workers N``, and signals: SIGTERM and Ctrl-C end a trial cleanly."""
+"""Worker processes for ``tune --workers N``; SIGTERM and Ctrl-C end a trial cleanly (``support.signals``)."""
 
-import contextlib
 import multiprocessing
-import signal
 
 import mlflow
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
 from pipeline.errors import PipelineError
+from pipeline.support.signals import interrupts_raise_keyboard_interrupt
 from pipeline.support.trials import work_on_study
-
-
-@contextlib.contextmanager
-def interrupts_raise_keyboard_interrupt():
-    """Make SIGTERM act like Ctrl-C, and ignore further signals while the interrupted trial closes.
-
-    Optuna marks a trial FAIL when its objective sees KeyboardInterrupt, and run_trial ends the
-    trial's MLflow run; a second Ctrl-C or a SIGTERM arriving during that clean-up would cut it short.
-    """
-    try:
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    except ValueError:  # not the main thread: signals cannot be handled here, leave them alone
-        yield
-        return
-
-    def interrupt_once(signum, frame):
-        for s in previous:
-            signal.signal(s, signal.SIG_IGN)
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    for s in previous:
-        signal.signal(s, interrupt_once)
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def worker_process(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo,

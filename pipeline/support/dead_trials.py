@@ -1,0 +1,69 @@
+"""Trials whose worker died (kill -9, out of memory, lost machine): found, failed, and their place freed.
+
+A killed worker leaves its trial RUNNING in the study. Left alone, that trial would hold its place for
+ever: a rerun would stop one trial short (9 COMPLETE + 1 RUNNING for ``--trials 10``). Two checks find
+such trials, at the start of a study and whenever a worker waits for the last trials:
+
+- owner check, every storage: each trial records its worker (``OWNER_ATTR``: host, pid, start time,
+  ``pipeline.support.owners``); a worker on this host that is gone is dead at once;
+- heartbeats, database storages only: Optuna fails a trial whose worker (on any host) has been silent
+  for two ``--heartbeat-interval`` s; a journal file has no heartbeats, so a trial of a worker that
+  died on another machine stays RUNNING there until its study is resumed on that machine.
+
+A dead trial becomes FAIL without a result (``INTERRUPTED_ATTR`` says why), so a new trial takes its
+place (``pipeline.support.trials.counts_toward_total``), and its MLflow run ends KILLED.
+"""
+
+import warnings
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.names import INTERRUPTED_ATTR, OWNER_ATTR
+from pipeline.support import owners
+from pipeline.support.optuna_storage import close_stale_run
+
+
+def has_heartbeats(study: optuna.Study) -> bool:
+    return isinstance(study._storage, optuna.storages.RDBStorage) and study._storage.is_heartbeat_enabled()
+
+
+def fail_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
+    """Fail one RUNNING trial and end its MLflow run; False if another process finished it first."""
+    storage = study._storage  # Optuna's public API cannot change another worker's trial
+    try:
+        storage.set_trial_user_attr(trial._trial_id, INTERRUPTED_ATTR, reason)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):  # failed or finished meanwhile
+        return False
+    close_stale_run(study, trial, reason)
+    return True
+
+
+def recover_dead_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose worker is dead (see the module's doc); returns their numbers."""
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get(OWNER_ATTR)
+        if owner and owners.is_dead(owner) and fail_dead_trial(study, trial, owners.why_dead(owner)):
+            recovered.append(trial.number)
+    if has_heartbeats(study):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # silent workers, on any host; calls close_stale_run
+    if recovered:
+        print(f"tune: trial(s) {', '.join(map(str, recovered))} failed: their worker died; new trials take their place")
+    return recovered
+
+
+def watched_running_trials(study: optuna.Study) -> list[int]:
+    """RUNNING trials whose death would be noticed, so worth waiting for: their owner runs on this host,
+    or on another with heartbeats. (A trial whose worker died before recording its owner, within a
+    millisecond of its start, is not waited for: it holds its place, as trials did before owners.)"""
+    here, heartbeats = owners.this_host(), has_heartbeats(study)
+    watched = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host = owners.host_of(trial.user_attrs.get(OWNER_ATTR, ""))
+        if host == here or (host is not None and heartbeats):
+            watched.append(trial.number)
+    return watched
