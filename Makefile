@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MLFLOW_ARGS ?=
+# `mlflow run` creates the run before our code starts, so it must be told the experiment
+# (pipeline/names.py EXPERIMENT_NAME), unless MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID name another
+EXPERIMENT_ARGS := $(if $(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--experiment-name fashion-mnist-softmax)
 # MLproject commands call `python`: make it the one in .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
@@ -25,7 +28,7 @@ data: $(STAMP)
 	  $(PY) -m pipeline locate-data; }
 
 run: data
-	$(VENV)/bin/mlflow run . --env-manager local $(MLFLOW_ARGS)
+	$(VENV)/bin/mlflow run . --env-manager local $(EXPERIMENT_ARGS) $(MLFLOW_ARGS)
 
 test: data
 	$(PY) -m pytest -q -ra

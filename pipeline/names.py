@@ -10,6 +10,11 @@ MODEL_NAME = "fashion-mnist-softmax"  # the registered model
 CHAMPION = "champion"  # alias of the version with the best validation accuracy
 VERSION_VAL_ACCURACY_TAG = "val_accuracy"  # on each model version: what the champion is chosen by
 
+# --- The MLflow experiment ------------------------------------------------------------------------
+EXPERIMENT_NAME = "fashion-mnist-softmax"  # runs go here unless MLFLOW_EXPERIMENT_NAME / _ID say otherwise
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow's own tag: what the UI opens an experiment on
+TRAINING_KIND = "custom_model_development"  # opens on the training runs (not on the GenAI traces page)
+
 # --- Artifacts -------------------------------------------------------------------------------------
 PREPARED_ARTIFACT = "prepared"  # the prepare run's folder: runs:/<run_id>/prepared
 MODEL_ARTIFACT = "model"
