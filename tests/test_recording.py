@@ -9,7 +9,6 @@ from mlflow import MlflowClient
 from pipeline.cli import cli
 from pipeline.core.splits import array_digest
 from pipeline.names import DATASET_CONTEXTS, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, TRAINING_KIND, TRIAL_TAG
-from pipeline.support.experiments import use_project_experiment
 from tests.helpers import REPO
 
 
@@ -36,15 +35,21 @@ def test_train_records_in_the_named_training_experiment(mlflow_store, real_slice
                                    DATASET_CONTEXTS["val"]: array_digest(splits.val_x, splits.val_y)}
 
 
-def test_environment_names_another_experiment_and_it_is_marked_too(mlflow_store, monkeypatch):
+def test_environment_names_another_experiment_and_it_is_marked_too(mlflow_store, real_slice, monkeypatch):
+    train = ["train", "--data", str(real_slice[1]), "--epochs", "1"]
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
-    assert use_project_experiment().name == "mine"
-    assert mlflow.get_experiment_by_name("mine").tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    assert CliRunner().invoke(cli, train).exit_code == 0
+    mine = mlflow.get_experiment_by_name("mine")
+    assert mine.tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND
+    assert len(MlflowClient().search_runs([mine.experiment_id])) == 1
     assert mlflow.get_experiment_by_name(EXPERIMENT_NAME) is None
-    # a kind the user chose is left alone
+    # an experiment given by id, whose kind the user chose: the run goes there, the kind is left alone
     other = MlflowClient().create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", other)
-    assert use_project_experiment().tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    assert CliRunner().invoke(cli, train).exit_code == 0
+    assert len(MlflowClient().search_runs([other])) == 1
+    assert mlflow.get_experiment(other).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
 def test_unknown_experiment_id_fails_in_one_line_before_any_run(mlflow_store, real_slice, monkeypatch):

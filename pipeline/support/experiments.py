@@ -1,17 +1,20 @@
 """Which MLflow experiment the runs go to, and marking it as a model-training experiment.
 
 Runs land in the project's experiment (``pipeline.names.EXPERIMENT_NAME``) unless the user names
-another with MLflow's own ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME`` (``mlflow run`` sets
-``MLFLOW_EXPERIMENT_ID`` for its run: ``make run`` passes ``--experiment-name``). MLflow 3's UI opens an
-experiment without a kind on its GenAI pages (traces); the tag ``mlflow.experimentKind`` set to
-``custom_model_development`` makes it open on the training runs.
+another with MLflow's own ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``. ``mlflow run`` creates its
+run, in the experiment it was given, before our code starts and sets ``MLFLOW_EXPERIMENT_ID``: ``make
+run`` passes ``--experiment-name``. MLflow 3's UI opens an experiment without a kind on its GenAI pages
+(traces); the tag ``mlflow.experimentKind`` set to ``custom_model_development`` makes it open on the
+training runs.
 
 Imports only MLflow: ``main`` runs it without PyTorch.
 """
 
+import contextlib
 import functools
+import os
 
-import mlflow
+import click
 from mlflow import MlflowClient
 from mlflow.entities import Experiment
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
@@ -27,32 +30,52 @@ def mark_as_training(experiment: Experiment) -> None:
         MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
 
-def use_project_experiment() -> Experiment:
-    """Make the experiment this process records in the active one (created if needed), marked as training.
+def default_to_project_experiment() -> None:
+    """Unless MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME name another, runs go to the project's experiment.
 
-    ``mlflow.set_experiment`` also exports ``MLFLOW_EXPERIMENT_ID``, so worker processes and steps
-    launched from here record in the same experiment.
+    Only the environment is set: MLflow creates the experiment at the first run (bad options open no
+    store), and worker processes and steps launched from here inherit the choice.
     """
-    experiment_id, name = MLFLOW_EXPERIMENT_ID.get(), MLFLOW_EXPERIMENT_NAME.get()
-    try:
-        if experiment_id:
-            experiment = mlflow.set_experiment(experiment_id=experiment_id)
-        else:
-            experiment = mlflow.set_experiment(name or EXPERIMENT_NAME)
-    except MlflowException as e:  # no such id, or the experiment was deleted
-        chosen = f"MLFLOW_EXPERIMENT_ID={experiment_id}" if experiment_id else f"experiment '{name or EXPERIMENT_NAME}'"
-        raise PipelineError(f"cannot record runs in {chosen}: {e.message}; name an existing or new experiment "
-                            "with MLFLOW_EXPERIMENT_NAME, or restore it (mlflow experiments restore)")
-    mark_as_training(experiment)
-    return experiment
+    experiment_id = MLFLOW_EXPERIMENT_ID.get()
+    if experiment_id:
+        try:
+            MlflowClient().get_experiment(experiment_id)
+        except MlflowException as e:
+            raise PipelineError(f"cannot record runs in MLFLOW_EXPERIMENT_ID={experiment_id}: {e.message}; "
+                                "name an existing or a new experiment with MLFLOW_EXPERIMENT_NAME instead")
+    elif not MLFLOW_EXPERIMENT_NAME.get():
+        os.environ[MLFLOW_EXPERIMENT_NAME.name] = EXPERIMENT_NAME
+
+
+def mark_chosen_experiment() -> None:
+    """Mark the experiment the command recorded in (if it has one by now) as model development."""
+    experiment_id = MLFLOW_EXPERIMENT_ID.get()
+    client = MlflowClient()
+    experiment = (client.get_experiment(experiment_id) if experiment_id
+                  else client.get_experiment_by_name(MLFLOW_EXPERIMENT_NAME.get()))
+    if experiment is not None:
+        mark_as_training(experiment)
 
 
 def records_in_project_experiment(callback):
-    """Wrap a command's callback: choose and mark the experiment once the options are parsed."""
+    """Wrap a command's callback: the project's experiment by default, marked once the command has run.
+
+    Marked afterwards, because MLflow creates the experiment at the command's first run; from then on
+    the UI opens it on the training runs, also while later commands are still running.
+    """
     @functools.wraps(callback)
     def wrapper(*args, **kwargs):
-        use_project_experiment()
-        return callback(*args, **kwargs)
+        default_to_project_experiment()
+        try:
+            result = callback(*args, **kwargs)
+        except click.UsageError:
+            raise  # bad options: nothing was recorded, and no store is opened to mark anything
+        except BaseException:
+            with contextlib.suppress(MlflowException):  # the store may be why it failed: keep that error
+                mark_chosen_experiment()
+            raise
+        mark_chosen_experiment()
+        return result
 
     wrapper.records_runs = True
     return wrapper
