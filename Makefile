@@ -36,7 +36,10 @@ test: data
 test-fast: data
 	$(PY) -m pytest -q -m "not slow"
 
+# MLflow 3.17's UI opens on its GenAI pages unless told "machine_learning" (or "Model training" is clicked)
+UI_HINT = @echo "Open http://$(1)/\#/experiments?workflowType=machine_learning"
 ui: $(STAMP)
+	$(call UI_HINT,127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --port 5000
 
 # A tracking server for this machine: runs in ./mlflow.db, artifacts kept in ./mlartifacts and served
@@ -47,6 +50,7 @@ PORT ?= 5000
 BACKEND_STORE ?= sqlite:///mlflow.db
 ARTIFACTS ?= ./mlartifacts
 server: $(STAMP)
+	$(call UI_HINT,$(HOST):$(PORT))
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE) --serve-artifacts \
 	  --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
 

@@ -58,9 +58,14 @@ def start_tracking_server(backend: str, artifacts, cwd, port: int) -> subprocess
 
 
 def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (mlflow, uvicorn, its job runner); SIGKILL what lingers."""
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def on_machine(machine, tracking_uri: str, *args: str) -> subprocess.Popen:
@@ -93,6 +98,7 @@ def finish(process: subprocess.Popen) -> str:
     process.wait(timeout=900)
     output = process.log.read_text()
     assert process.returncode == 0, output[-4000:]
+    print(f"{time.strftime('%X')} {' '.join(process.args[3:5])}: done")  # where the time goes (pytest -s)
     return output
 
 
@@ -109,14 +115,14 @@ def test_prepare_tune_on_two_machines_evaluate_and_register_over_http(real_data_
                                     "--limit", "2000"))
             data = re.search(r"data URI: (runs:/\S+)", out).group(1)
             tune = ["tune", "--data", data, "--storage", optuna_url, *STUDY, "--test-best", "false"]
-            # b until the study holds 3 trials, c until 6: c starts once b has a trial, so both surely
+            # b until the study holds 2 trials, c until 4: c starts once b has a trial, so both surely
             # take trials, and they run at the same time for as long as b has trials left
-            b = on_machine(tmp_path / "b", tracking, *tune, "--trials", "3")
+            b = on_machine(tmp_path / "b", tracking, *tune, "--trials", "2")
             wait_for_first_trial(optuna_url, b)
-            c = on_machine(tmp_path / "c", tracking, *tune, "--trials", "6")
+            c = on_machine(tmp_path / "c", tracking, *tune, "--trials", "4")
             finish(b), finish(c)
             # the study is full: on a fourth machine this records the best trial, tests and registers it
-            finish(on_machine(tmp_path / "d", tracking, *tune[:-1], "true", "--trials", "6"))
+            finish(on_machine(tmp_path / "d", tracking, *tune[:-1], "true", "--trials", "4"))
             out = finish(on_machine(tmp_path / "d", tracking, "evaluate", "--data", data,
                                     "--model-uri", f"models:/{MODEL_NAME}@{CHAMPION}"))
             assert re.search(r"test accuracy 0\.[5-9]\d*", out), out
@@ -129,7 +135,7 @@ def test_prepare_tune_on_two_machines_evaluate_and_register_over_http(real_data_
             study = shared_study(optuna_url)
             trial_runs = client.search_runs([experiment.experiment_id], f"tags.`{STUDY_TAG}` = 'shared'")
             trial_runs = [r for r in trial_runs if TRIAL_TAG in r.data.tags]
-            assert len(study.trials) == len(trial_runs) >= 6
+            assert len(study.trials) == len(trial_runs) >= 4
             assert len({r.data.tags["mlflow.parentRunId"] for r in trial_runs}) == 2  # both machines worked
             champion = client.get_model_version_by_alias(MODEL_NAME, CHAMPION)
             assert champion.source == study.best_trial.user_attrs["model_uri"]

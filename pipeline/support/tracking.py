@@ -47,9 +47,9 @@ def model_name(cfg) -> str:
     MLflow refuses '.', '/', ':' and quotes in LoggedModel names, so 0.1 is written 0_1. Such a model
     is found as ``models:/<model_id>`` or ``runs:/<run_id>/<name>``.
     """
-    parts = [f"lr{cfg.lr:g}", f"wd{cfg.weight_decay:g}", f"ep{cfg.epochs}"]
+    parts = [f"lr{cfg.lr:.3g}", f"wd{cfg.weight_decay:.3g}", f"ep{cfg.epochs}"]  # the params hold every digit
     if cfg.input_dropout:
-        parts.append(f"dropout{cfg.input_dropout:g}")
+        parts.append(f"dropout{cfg.input_dropout:.3g}")
     if cfg.augment:
         parts.append("augment")
     return "-".join(["softmax", *parts]).replace(".", "_")
