@@ -7,10 +7,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 MLFLOW_ARGS ?=
+# `mlflow run` creates the run before our code starts, so it must be told the experiment
+# (pipeline/names.py EXPERIMENT_NAME), unless MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID name another
+EXPERIMENT_ARGS := $(if $(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--experiment-name fashion-mnist-softmax)
 # MLproject commands call `python`: make it the one in .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test test-fast data ui bench clean
+.PHONY: run test test-fast data ui server serve bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +28,7 @@ data: $(STAMP)
 	  $(PY) -m pipeline locate-data; }
 
 run: data
-	$(VENV)/bin/mlflow run . --env-manager local $(MLFLOW_ARGS)
+	$(VENV)/bin/mlflow run . --env-manager local $(EXPERIMENT_ARGS) $(MLFLOW_ARGS)
 
 test: data
 	$(PY) -m pytest -q -ra
@@ -33,12 +36,35 @@ test: data
 test-fast: data
 	$(PY) -m pytest -q -m "not slow"
 
+# MLflow 3.17's UI opens on its GenAI pages unless told "machine_learning" (or "Model training" is clicked)
+UI_HINT = @echo "Open http://$(1)/\#/experiments?workflowType=machine_learning"
 ui: $(STAMP)
+	$(call UI_HINT,127.0.0.1:5000)
 	$(VENV)/bin/mlflow ui --port 5000
+
+# A tracking server for this machine: runs in ./mlflow.db, artifacts kept in ./mlartifacts and served
+# over HTTP, so commands need only MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (README: several machines).
+# HOST=0.0.0.0 opens it to other machines; BACKEND_STORE=postgresql://... for a database server.
+HOST ?= 127.0.0.1
+PORT ?= 5000
+BACKEND_STORE ?= sqlite:///mlflow.db
+ARTIFACTS ?= ./mlartifacts
+server: $(STAMP)
+	$(call UI_HINT,$(HOST):$(PORT))
+	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE) --serve-artifacts \
+	  --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
+
+# The champion over HTTP (MLflow's scoring server: /ping, /invocations). The server runs `uvicorn`
+# from .venv/bin, which the PATH export above provides. MODEL=models:/<name>/<version> serves another.
+MODEL ?= models:/fashion-mnist-softmax@champion
+SERVE_PORT ?= 5001
+serve: $(STAMP)
+	MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(VENV)/bin/mlflow models serve -m $(MODEL) \
+	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 # Training speed, tuning throughput and memory (bench/); results in bench/results/latest.json
 bench: data
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf mlruns mlflow.db optuna.db .pytest_cache
+	rm -rf mlruns mlartifacts mlflow.db optuna.db .pytest_cache

@@ -31,6 +31,8 @@ COMMANDS = {  # command name -> the module of the step that defines it
     "experiment": "pipeline.steps.experiment",
     "report": "pipeline.steps.report",
 }
+# Commands whose runs go to the project's MLflow experiment (``experiment`` names its own, per file)
+RECORD_IN_PROJECT_EXPERIMENT = {"prepare", "train", "evaluate", "tune", "main"}
 
 
 class LazyGroup(click.Group):
@@ -51,7 +53,12 @@ class LazyGroup(click.Group):
         if name not in COMMANDS:
             return None
         module = importlib.import_module(COMMANDS[name])
-        return after_options_are_parsed(getattr(module, name.replace("-", "_") + "_command"))
+        command = getattr(module, name.replace("-", "_") + "_command")
+        if name in RECORD_IN_PROJECT_EXPERIMENT and not getattr(command.callback, "records_runs", False):
+            # after parsing (so --help and bad options touch no server), before the command's first run
+            from pipeline.support.experiments import records_in_project_experiment
+            command.callback = records_in_project_experiment(command.callback)
+        return after_options_are_parsed(command)
 
 
 def after_options_are_parsed(command: click.Command) -> click.Command:

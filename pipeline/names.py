@@ -12,6 +12,11 @@ VERSION_VAL_ACCURACY_TAG = "val_accuracy"  # on each model version: what the cha
 VERSION_VAL_DIGEST_TAG = "val_digest"  # on each model version: the validation split it was chosen on
 SPLIT_CHAMPION = CHAMPION + "-{}"  # alias of the best version among those validated on one split (its digest)
 
+# --- The MLflow experiment ------------------------------------------------------------------------
+EXPERIMENT_NAME = "fashion-mnist-softmax"  # runs go here unless MLFLOW_EXPERIMENT_NAME / _ID say otherwise
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow's own tag: what the UI opens an experiment on
+TRAINING_KIND = "custom_model_development"  # opens on the training runs (not on the GenAI traces page)
+
 # --- Artifacts -------------------------------------------------------------------------------------
 PREPARED_ARTIFACT = "prepared"  # the prepare run's folder: runs:/<run_id>/prepared
 MODEL_ARTIFACT = "model"

@@ -1,5 +1,7 @@
 """Shared fixtures: temporary MLflow stores, IDX files written by the tests, a slice of the real data."""
 
+import os
+
 import mlflow
 import pytest
 
@@ -21,9 +23,15 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # MLflow puts artifacts in ./mlruns beside the store
     mlflow.set_tracking_uri(uri)
+    experiment_vars = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+    for name in experiment_vars:  # a command run in-process sets them (pipeline.support.experiments)
+        monkeypatch.delenv(name, raising=False)
     yield uri
     if mlflow.active_run():
         mlflow.end_run()
+    for name in experiment_vars:  # that experiment belongs to this test's store: the next test starts afresh
+        os.environ.pop(name, None)
+    mlflow.tracking.fluent._active_experiment_id = None
 
 
 @pytest.fixture

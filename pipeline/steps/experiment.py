@@ -28,6 +28,7 @@ from pipeline.steps.stability import run_stability
 from pipeline.steps.train import train
 from pipeline.support import tracking
 from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, split_study
+from pipeline.support.experiments import mark_as_training
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,9 @@ def experiment_id(name: str) -> str:
     the experiment ``mlflow run`` chose, and MLflow refuses to resume it while another is "active".
     """
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(name)
-    return experiment.experiment_id if experiment else client.create_experiment(name)
+    experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
+    mark_as_training(experiment)  # the UI opens it on its training runs
+    return experiment.experiment_id
 
 
 def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:

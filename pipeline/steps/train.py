@@ -32,6 +32,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     tracking.log_new_params(asdict(cfg))
     # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
     mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
+    tracking.log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
 
     def after_epoch(metrics: dict) -> None:
@@ -51,7 +52,8 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     finally:
         bar.close()
     mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
-    model_info = tracking.log_model(result.model, splits.val_x[:4], step=result.best_epoch)
+    model_info = tracking.log_model(result.model, splits.val_x[:4], step=result.best_epoch,
+                                    name=tracking.model_name(cfg))
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)
@@ -69,4 +71,4 @@ def train_command(data, **options):
         splits = tracking.load_data(data)
         result, model_info = train(cfg, splits)
     click.echo(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
-               f"model: {model_info.model_uri} (runs:/{run.info.run_id}/model)")
+               f"model: {model_info.model_uri} (runs:/{run.info.run_id}/{model_info.name})")

@@ -50,7 +50,8 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
     """
     tune_cfg.validate()
     space.validate()
-    own_run = mlflow.start_run(run_name="tune") if mlflow.active_run() is None else contextlib.nullcontext()
+    own_run = (mlflow.start_run(run_name="tune", log_system_metrics=True) if mlflow.active_run() is None
+               else contextlib.nullcontext())
     with own_run, interrupts_raise_keyboard_interrupt():
         parent = mlflow.active_run().info
         owners.claim_active_run()  # if this process is killed, the next command ends this run
@@ -76,6 +77,7 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
 def tune_command(data, **options):
     """Search lr, epochs and weight decay with Optuna; test and register the best model."""
     space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options)
-    with mlflow.start_run(run_name=f"tune {cfg.study_name}"):
+    # system metrics (CPU, memory, disk, network: system/* every 10 s, psutil) show what a long study used
+    with mlflow.start_run(run_name=f"tune {cfg.study_name}", log_system_metrics=True):
         study = run_study(cfg, space, data)
     click.echo(describe(study))

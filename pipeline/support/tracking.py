@@ -1,13 +1,16 @@
 """MLflow helpers shared by the steps: models, datasets, metrics, params and fetching the prepared data.
 
 MLflow's defaults are used throughout (tracking store ``sqlite:///mlflow.db``, artifacts in
-``./mlruns``), overridable with the usual ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME``.
+``./mlruns``), overridable with the usual ``MLFLOW_TRACKING_URI`` (e.g. ``http://host:5000``, a
+tracking server that also serves the artifacts: nothing here assumes a local store or local artifact
+paths; every artifact and model is fetched through MLflow's artifact API).
 """
 
 import functools
 import tempfile
 import time
 import warnings
+import weakref
 from importlib.metadata import version
 from pathlib import Path
 
@@ -40,11 +43,25 @@ def pip_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg)}" for pkg in ("mlflow", "torch", "torchvision", "numpy")]
 
 
-def log_model(model, example_images: np.ndarray, step: int):
+def model_name(cfg) -> str:
+    """A logged model's name that says how it was trained, e.g. ``softmax-lr0_1-wd0-ep10``.
+
+    MLflow refuses '.', '/', ':' and quotes in LoggedModel names, so 0.1 is written 0_1. Such a model
+    is found as ``models:/<model_id>`` or ``runs:/<run_id>/<name>``.
+    """
+    parts = [f"lr{cfg.lr:.3g}", f"wd{cfg.weight_decay:.3g}", f"ep{cfg.epochs}"]  # the params hold every digit
+    if cfg.input_dropout:
+        parts.append(f"dropout{cfg.input_dropout:.3g}")
+    if cfg.augment:
+        parts.append("augment")
+    return "-".join(["softmax", *parts]).replace(".", "_")
+
+
+def log_model(model, example_images: np.ndarray, step: int, name: str = MODEL_ARTIFACT):
     """Log the model (pt2 format, exported with a real batch of images) and return its ModelInfo."""
     example = to_tensor(example_images).numpy()
     return mlflow.pytorch.log_model(
-        model, name=MODEL_ARTIFACT, signature=model_signature(), input_example=example,
+        model, name=name, signature=model_signature(), input_example=example,
         pip_requirements=pip_requirements(), step=step,
     )
 
@@ -66,16 +83,33 @@ def log_series(table: pd.DataFrame, steps) -> None:
     MlflowClient().log_batch(mlflow.active_run().info.run_id, metrics=metrics)
 
 
-def log_datasets(splits: Splits, source: str) -> None:
-    """Record the three splits as MLflow dataset inputs, with a digest over the full arrays."""
-    for split in SPLITS:
-        x, y = splits.arrays(split)
-        with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
-            warnings.filterwarnings("ignore", message="The specified dataset source")
-            dataset = mlflow.data.from_numpy(
-                x, targets=y, source=source, name=f"fashion-mnist-{split}", digest=array_digest(x, y)
-            )
-        mlflow.log_input(dataset, context=DATASET_CONTEXTS[split])
+_datasets: dict[int, tuple[weakref.ref, dict]] = {}  # id(splits) -> (the splits, their MLflow datasets)
+
+
+def datasets_of(splits: Splits, source: str) -> dict:
+    """The three splits as MLflow datasets, made once per Splits object in this process.
+
+    The digest reads every byte (0.13 s for the training split), so every trial of a study reuses it.
+    MLflow keeps one dataset per name and digest in an experiment: the first source recorded stays.
+    """
+    cached = _datasets.get(id(splits))
+    if cached is None or cached[0]() is not splits:
+        made = {}
+        for split in SPLITS:
+            x, y = splits.arrays(split)
+            with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
+                warnings.filterwarnings("ignore", message="The specified dataset source")
+                made[split] = mlflow.data.from_numpy(x, targets=y, source=source, name=f"fashion-mnist-{split}",
+                                                     digest=array_digest(x, y))
+        cached = _datasets[id(splits)] = (weakref.ref(splits), made)
+    return cached[1]
+
+
+def log_datasets(splits: Splits, source: str = "prepared splits", which=SPLITS) -> None:
+    """Record the splits (all three, or ``which``) as MLflow dataset inputs of the active run."""
+    datasets = datasets_of(splits, source)
+    for split in which:
+        mlflow.log_input(datasets[split], context=DATASET_CONTEXTS[split])
 
 
 def fetch_prepared(data_uri: str) -> Splits:
@@ -85,8 +119,10 @@ def fetch_prepared(data_uri: str) -> Splits:
     (``Splits.load`` reads them eagerly): every step reads the 55 MB split, and none keeps a copy.
     """
     if Path(data_uri).exists():
-        return Splits.load(Path(data_uri))
-    with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:
+        splits = Splits.load(Path(data_uri))
+        datasets_of(splits, str(Path(data_uri).resolve()))  # the datasets' source, for the runs that use them
+        return splits
+    with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:  # the arrays are in memory once loaded
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri, dst_path=tmp)
         except Exception as e:
@@ -94,7 +130,9 @@ def fetch_prepared(data_uri: str) -> Splits:
                 f"cannot fetch the prepared data from '{data_uri}' ({type(e).__name__}: {e}); pass the "
                 "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
             )
-        return Splits.load(Path(local))
+        splits = Splits.load(Path(local))
+    datasets_of(splits, f"prepared splits: {data_uri}")  # MLflow has no dataset source type for runs:/ URIs
+    return splits
 
 
 def load_data(data_uri: str) -> Splits:

@@ -1,0 +1,81 @@
+"""Which MLflow experiment the runs go to, and marking it as a model-training experiment.
+
+Runs land in the project's experiment (``pipeline.names.EXPERIMENT_NAME``) unless the user names
+another with MLflow's own ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``. ``mlflow run`` creates its
+run, in the experiment it was given, before our code starts and sets ``MLFLOW_EXPERIMENT_ID``: ``make
+run`` passes ``--experiment-name``. MLflow 3's UI opens an experiment without a kind on its GenAI pages
+(traces); the tag ``mlflow.experimentKind`` set to ``custom_model_development`` makes it open on the
+training runs.
+
+Imports only MLflow: ``main`` runs it without PyTorch.
+"""
+
+import contextlib
+import functools
+import os
+
+import click
+from mlflow import MlflowClient
+from mlflow.entities import Experiment
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
+from mlflow.exceptions import MlflowException
+
+from pipeline.errors import PipelineError
+from pipeline.names import EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, TRAINING_KIND
+
+
+def mark_as_training(experiment: Experiment) -> None:
+    """Tag the experiment as model development, unless it already has a kind (the user's choice wins)."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+
+
+def default_to_project_experiment() -> None:
+    """Unless MLFLOW_EXPERIMENT_ID / MLFLOW_EXPERIMENT_NAME name another, runs go to the project's experiment.
+
+    Only the environment is set: MLflow creates the experiment at the first run (bad options open no
+    store), and worker processes and steps launched from here inherit the choice.
+    """
+    experiment_id = MLFLOW_EXPERIMENT_ID.get()
+    if experiment_id:
+        try:
+            MlflowClient().get_experiment(experiment_id)
+        except MlflowException as e:
+            raise PipelineError(f"cannot record runs in MLFLOW_EXPERIMENT_ID={experiment_id}: {e.message}; "
+                                "name an existing or a new experiment with MLFLOW_EXPERIMENT_NAME instead")
+    elif not MLFLOW_EXPERIMENT_NAME.get():
+        os.environ[MLFLOW_EXPERIMENT_NAME.name] = EXPERIMENT_NAME
+
+
+def mark_chosen_experiment() -> None:
+    """Mark the experiment the command recorded in (if it has one by now) as model development."""
+    experiment_id = MLFLOW_EXPERIMENT_ID.get()
+    client = MlflowClient()
+    experiment = (client.get_experiment(experiment_id) if experiment_id
+                  else client.get_experiment_by_name(MLFLOW_EXPERIMENT_NAME.get()))
+    if experiment is not None:
+        mark_as_training(experiment)
+
+
+def records_in_project_experiment(callback):
+    """Wrap a command's callback: the project's experiment by default, marked once the command has run.
+
+    Marked afterwards, because MLflow creates the experiment at the command's first run; from then on
+    the UI opens it on the training runs, also while later commands are still running.
+    """
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):
+        default_to_project_experiment()
+        try:
+            result = callback(*args, **kwargs)
+        except click.UsageError:
+            raise  # bad options: nothing was recorded, and no store is opened to mark anything
+        except BaseException:
+            with contextlib.suppress(MlflowException):  # the store may be why it failed: keep that error
+                mark_chosen_experiment()
+            raise
+        mark_chosen_experiment()
+        return result
+
+    wrapper.records_runs = True
+    return wrapper
