@@ -39,6 +39,7 @@ STEP_TAG = "pipeline.step.{}"  # on main: the run id of each step; + ".reused"
 STUDY_TAG = "pipeline.study_name"
 TRIAL_TAG = "pipeline.trial_number"
 TRIAL_STATE_TAG = "pipeline.trial_state"  # Optuna's state of a trial run: COMPLETE, PRUNED, FAIL
+SIDE_BY_SIDE_TAG = "pipeline.side_by_side"  # on a trial run: how many trials trained in its stack
 BEST_MODEL_TAG = "pipeline.best_model_uri"
 BEST_TRIAL_TAG = "pipeline.best_trial"
 BEST_RUN_TAG = "pipeline.best_run_id"

@@ -48,13 +48,21 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
         raise
     finally:
         bar.close()
+    return result, log_fit_result(result, splits)
+
+
+def log_fit_result(result: FitResult, splits: Splits):
+    """After training, on the active run: the curves figure, the best epoch's model and the summary.
+
+    Trials trained side by side (``pipeline.support.batched_trials``) log through here too.
+    """
     mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
     model_info = tracking.log_model(result.model, splits.val_x[:4], step=result.best_epoch)
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)
     mlflow.set_tags({STOPPED_EARLY_TAG: result.stopped_early, MODEL_URI_TAG: model_info.model_uri})
-    return result, model_info
+    return model_info
 
 
 @click.command("train")
