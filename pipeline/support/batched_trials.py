@@ -47,7 +47,7 @@ class Running:
     run_id: str | None = None
 
 
-def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, group: int, running: list) -> None:
+def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, running: list) -> None:
     """Ask one trial (a queued one first, e.g. the seed recipe), start its heartbeat and its MLflow run."""
     # a fresh sampler per trial, seeded as pipeline.support.trials does: one worker gives the same study
     # for the same seed, workers elsewhere draw different points
@@ -64,8 +64,7 @@ def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, group:
     # the tags mlflow.start_run(nested=True) would set (user, source, parent), for a run we keep open
     # beside the others: the fluent API holds one active run, a group needs K
     tags = mlflow_context.resolve_tags({MLFLOW_PARENT_RUN_ID: parent.run_id, MLFLOW_RUN_NAME: name,
-                                        STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number),
-                                        SIDE_BY_SIDE_TAG: str(group)})
+                                        STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number)})
     member.run_id = MlflowClient().create_run(parent.experiment_id, tags=tags, run_name=name).info.run_id
     trial.set_user_attr(RUN_ID_ATTR, member.run_id)
     mlflow.log_params(asdict(member.cfg), run_id=member.run_id)
@@ -114,8 +113,12 @@ def finish(study, member: Running, outcome, splits: Splits) -> None:
 
 
 def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: Splits, tensors: Tensors,
-              parent, size: int) -> None:
-    """Ask ``size`` trials, train them side by side, and tell each its state as soon as it stops."""
+              parent) -> bool:
+    """Ask up to K trials, train them side by side, tell each its state as soon as it stops; False if
+    the study was already full.
+
+    Each ask checks the count again, so that workers asking at the same time together stop at the total.
+    """
     running: list[Running] = []
 
     def on_epoch(i: int, metrics: dict) -> None:  # what pipeline.support.trials.report_to does, per trial
@@ -131,10 +134,17 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         running.remove(member)
 
     try:
-        for _ in range(size):
-            ask(study, cfg, space, parent, size, running)
+        for _ in range(cfg.side_by_side):
+            if is_full(study, cfg):
+                break
+            ask(study, cfg, space, parent, running)
+        if not running:
+            return False
+        for member in running:  # recorded on each run: how many trials trained in its stack
+            MlflowClient().set_tag(member.run_id, SIDE_BY_SIDE_TAG, str(len(running)))
         running_by_index = list(running)
         fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end)
+        return True
     except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
         reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
         for member in running:
@@ -152,17 +162,21 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
             member.heartbeat.join()  # (joining twice is harmless)
 
 
+def is_full(study: optuna.Study, cfg: TuneConfig) -> bool:
+    """Whether the study holds ``cfg.trials`` (as ``work_on_study`` counts them).
+
+    A queued trial (the seed recipe) is left out: the next ask takes it rather than adding one.
+    """
+    taken = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
+    return sum(map(counts_toward_total, taken)) >= cfg.trials
+
+
 def work_side_by_side(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: Splits,
                       tensors: Tensors, parent) -> None:
-    """``work_on_study`` with K trials at a time: groups until the study holds ``cfg.trials``."""
+    """``work_on_study`` with up to K trials at a time: groups until the study holds ``cfg.trials``."""
     while True:
         with warnings.catch_warnings():  # as study.optimize does before each trial (SQL storages)
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        # a queued trial (the seed recipe) counts toward the total but is not running yet: the next ask
-        # takes it, so it belongs in the next group rather than leaving a place empty there
-        taken = [t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING]
-        left = cfg.trials - sum(map(counts_toward_total, taken))
-        if left <= 0:
+        if not run_group(study, cfg, space, splits, tensors, parent):
             return
-        run_group(study, cfg, space, splits, tensors, parent, min(cfg.side_by_side, left))
