@@ -92,8 +92,26 @@ def test_a_diverging_model_fails_alone(tensors):
         assert_same_training(outcomes[i], fit(build_model(0), tensors, [CONFIGS[0], huge, CONFIGS[1]][i]))
 
 
-@pytest.mark.parametrize("other, message", [(TrainConfig(seed=1), "one seed and batch size"),
-                                            (TrainConfig(batch_size=64), "one seed and batch size"),
+def test_a_newcomer_takes_a_finished_models_place_and_trains_as_it_would_alone(tensors):
+    """``refill``: when a model stops, a new one joins at the next epoch with its own batch order."""
+    newcomers = [TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, seed=5)]
+    joined_at = []
+
+    def refill():
+        joined_at.append(len(ends))
+        return newcomers.pop() if newcomers else None
+
+    ends = []
+    outcomes = fit_side_by_side(CONFIGS, tensors, on_end=lambda i, outcome: ends.append(i), refill=refill)
+    assert ends == [2, 0, 1, 3] and joined_at[0] == 1  # it joined after the 2-epoch model ended, at epoch 3
+    assert len(outcomes) == 4
+    for cfg, outcome in zip(CONFIGS, outcomes):
+        assert_same_training(outcome, fit(build_model(cfg.seed), tensors, cfg))
+    seed5 = TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, seed=5)
+    assert_same_training(outcomes[3], fit(build_model(5), tensors, seed5))
+
+
+@pytest.mark.parametrize("other, message", [(TrainConfig(batch_size=64), "one batch size"),
                                             (TrainConfig(augment=True), "neither input_dropout nor augment")])
 def test_models_that_cannot_share_batches_are_refused(other, message):
     with pytest.raises(ValueError, match=message):
@@ -130,9 +148,7 @@ def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, mlflow_
         assert ours.user_attrs[MODEL_URI_ATTR].startswith("models:/")
         assert {a.path for a in client.list_artifacts(run.info.run_id)} == \
                {a.path for a in client.list_artifacts(reference.info.run_id)}
-    # groups of 3, then the 2 left: each run says how many trained beside it
-    assert [mlflow.get_run(t.user_attrs[RUN_ID_ATTR]).data.tags[SIDE_BY_SIDE_TAG] for t in together.trials] \
-        == ["3"] * 3 + ["2"] * 2
+    assert all(mlflow.get_run(t.user_attrs[RUN_ID_ATTR]).data.tags[SIDE_BY_SIDE_TAG] == "3" for t in together.trials)
 
 
 @pytest.mark.slow

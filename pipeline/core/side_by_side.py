@@ -1,17 +1,20 @@
-"""Several softmax regressions trained side by side: K trials as one 784x(10K) linear layer.
+"""Several softmax regressions trained side by side: K trials as one stacked layer, one step for all.
 
 A softmax regression is one 784x10 matrix, so a step on a batch of 256 costs almost nothing but fixed
-overhead (the gather, some twenty small ops, autograd, the optimiser). K models trained on the *same*
-batches cost little more than one: stack their weights into one (10K)x784 layer, compute all logits in
-one matrix product, and give each model its own mean cross-entropy. The loss summed over the models has,
-for each model's weights, exactly that model's gradient (the models share no parameter), and the SGD
-step applies each model's own learning rate and weight decay to its own rows. So with the same seed (same
-initial weights, same batch order) each model ends exactly where ``pipeline.core.training.fit`` would
-take it alone, up to float rounding: tests/test_side_by_side.py checks this against ``fit``.
+overhead (some twenty small ops, autograd, the optimiser). K models stepping together cost little more
+than one: stack their weights into one (K, 10, 784) tensor, gather each model's batch into one
+(K, 256, 784) block, compute all logits with one batched matrix product, and give each model its own
+mean cross-entropy. The loss summed over the models has, for each model's weights, exactly that model's
+gradient (the models share no parameter), and the SGD step applies each model's own learning rate and
+weight decay to its own block. Each model keeps its own initial weights and its own batch order (seeded as
+``fit`` seeds them), so each ends exactly where ``pipeline.core.training.fit`` would take it alone, up to
+float rounding: tests/test_side_by_side.py checks this against ``fit``.
 
 Each model keeps ``fit``'s rules on its own: its own number of epochs, its own early stopping, its own
 best epoch; a model whose loss becomes NaN fails alone (``DivergedError``), and ``on_epoch`` may raise to
-stop one model (Optuna's pruner) while the others go on. Models that stop are removed from the stack.
+stop one model (Optuna's pruner) while the others go on. A model that stops leaves the stack, and a new
+one may take its place at the next epoch (``refill``): all models have the same number of batches per
+epoch, so a newcomer's epochs line up with the others'.
 """
 
 import math
@@ -33,62 +36,81 @@ OnEnd = Callable[[int, "FitResult | Exception"], None]
 
 @dataclass
 class Member:
-    """One model of the stack: its settings, its progress, and its best weights so far."""
+    """One model of the stack: its settings, its own batch order, its progress and its best weights."""
 
-    index: int  # position in the list of configs given to fit_side_by_side
+    index: int  # order of joining: the position of its outcome
     cfg: TrainConfig
     result: FitResult
+    weight: torch.Tensor  # its current weights (10, 784) and bias (10,)
+    bias: torch.Tensor
+    generator: torch.Generator  # its batch order, seeded as fit seeds it
+    epoch: int = 0
     best_state: dict = field(default_factory=dict)
 
 
-def check_compatible(cfgs: list[TrainConfig]) -> None:
-    """Models share batches, so they must share what decides the batches; the rest may differ."""
+def check_compatible(cfgs: list[TrainConfig], batch_size: int) -> None:
+    """Models step together, batch for batch, so they must share the batch size; the rest may differ."""
     for cfg in cfgs:
         cfg.validate()
-    shared = {(cfg.seed, cfg.batch_size) for cfg in cfgs}
-    if len(shared) > 1:
-        raise ValueError(f"side-by-side training needs one seed and batch size for all models, got {shared}")
+    sizes = {cfg.batch_size for cfg in cfgs} | {batch_size}
+    if len(sizes) > 1:
+        raise ValueError(f"side-by-side training needs one batch size for all models, got {sorted(sizes)}")
     if any(cfg.input_dropout or cfg.augment for cfg in cfgs):
         # both draw random numbers per batch and model, which a shared stack cannot reproduce
         raise ValueError("side-by-side training supports neither input_dropout nor augment")
 
 
-def stack(members: list[Member], weights: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+def join(index: int, cfg: TrainConfig) -> Member:
+    """A new member, with the initial weights and batch order it would have alone."""
+    linear = build_model(cfg.seed)[1]
+    return Member(index, cfg, FitResult(model=None, best_val_accuracy=-1.0), linear.weight.detach(),
+                  linear.bias.detach(), torch.Generator().manual_seed(cfg.seed))
+
+
+def stack(members: list[Member]):
     """The members' weights as one leaf tensor (K, 10, 784) and one bias (K, 10), and their lr and wd."""
-    w = torch.stack([weights[m.index][0] for m in members]).requires_grad_()
-    b = torch.stack([weights[m.index][1] for m in members]).requires_grad_()
+    w = torch.stack([m.weight for m in members]).requires_grad_()
+    b = torch.stack([m.bias for m in members]).requires_grad_()
     lr = torch.tensor([m.cfg.lr for m in members]).view(-1, 1, 1)
     wd = torch.tensor([m.cfg.weight_decay for m in members]).view(-1, 1, 1)
     return w, b, lr, wd
 
 
 def logits_of(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """All K models' logits for a batch, (N, K, 10), from one matrix product."""
+    """All K models' logits for the same images, (N, K, 10), from one matrix product."""
     k = w.shape[0]
     return F.linear(x.flatten(1), w.view(k * NUM_CLASSES, -1), b.view(-1)).view(len(x), k, NUM_CLASSES)
 
 
 def losses_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Each model's mean cross-entropy over the batch, (K,): the loss it would have alone."""
+    """Each model's mean cross-entropy over the same images, (K,): the loss it would have alone."""
     n, k, c = logits.shape
     return F.cross_entropy(logits.reshape(n * k, c), y.repeat_interleave(k), reduction="none").view(n, k).mean(0)
 
 
-def train_epoch(w, b, lr, wd, x, y, batch_size: int, generator) -> tuple[list[float], list[int]]:
-    """One pass over the shuffled training split for all models; per model, the summed loss and correct count."""
-    total_loss = torch.zeros(w.shape[0])
-    correct = torch.zeros(w.shape[0], dtype=torch.long)
-    for idx in torch.randperm(len(x), generator=generator).split(batch_size):
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)
-        logits = logits_of(w, b, xb)
-        losses = losses_of(logits, yb)
+def train_epoch(w, b, lr, wd, x, y, batch_size: int, generators) -> tuple[list[float], list[int]]:
+    """One pass over the training split for each model, each in its own shuffled order, all stepping
+    together (same number of batches); per model, the summed loss and the correct count.
+
+    Models that joined at different times are at different epochs and so see different batches: each
+    model's batch is gathered into a (K, B, 784) block and multiplied by its own weights in one ``baddbmm``.
+    """
+    k, flat = w.shape[0], x.flatten(1)
+    total_loss = torch.zeros(k)
+    correct = torch.zeros(k, dtype=torch.long)
+    orders = torch.stack([torch.randperm(len(x), generator=g) for g in generators])  # (K, N)
+    for idx in orders.split(batch_size, dim=1):  # (K, B): batch j of each model's own order
+        xb = flat.index_select(0, idx.reshape(-1)).view(k, idx.shape[1], -1)
+        yb = y.index_select(0, idx.reshape(-1))
+        logits = torch.baddbmm(b.unsqueeze(1), xb, w.transpose(1, 2))  # (K, B, 10)
+        losses = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), yb, reduction="none").view(k, -1).mean(1)
         w.grad = b.grad = None
         losses.sum().backward()  # the sum's gradient for model k's rows is model k's own gradient
         with torch.no_grad():  # SGD as torch.optim.SGD does it, lr and weight decay per model
             w.sub_(lr * (w.grad + wd * w))
             b.sub_(lr.view(-1, 1) * (b.grad + wd.view(-1, 1) * b))
-        total_loss += losses.detach() * len(idx)
-        correct += (logits.argmax(dim=2) == yb[:, None]).sum(0)
+        total_loss += losses.detach() * idx.shape[1]
+        correct += (logits.argmax(dim=2) == yb.view(k, -1)).sum(1)
     return total_loss.tolist(), correct.tolist()  # sums: divided by len(x) in Python, as fit does
 
 
@@ -99,13 +121,13 @@ def score(w, b, x, y) -> tuple[torch.Tensor, torch.Tensor]:
     return losses_of(logits, y), (logits.argmax(dim=2) == y[:, None]).float().mean(0)
 
 
-def epoch_metrics(w, b, members, data: Tensors, epoch: int, train_loss, train_acc) -> list[dict]:
-    """``fit``'s metrics dict of this epoch for each member."""
+def epoch_metrics(w, b, members, data: Tensors, train_loss, train_acc) -> list[dict]:
+    """``fit``'s metrics dict of this epoch for each member (each at its own epoch)."""
     val_loss, val_acc = score(w, b, *data.val)
     test_loss, test_acc = score(w, b, *data.test) if any(m.cfg.log_test_curve for m in members) else (None, None)
     out, n = [], len(data.train[1])
     for i, m in enumerate(members):
-        metrics = dict(epoch=epoch, train_loss=train_loss[i] / n, train_accuracy=train_acc[i] / n,
+        metrics = dict(epoch=m.epoch, train_loss=train_loss[i] / n, train_accuracy=train_acc[i] / n,
                        val_loss=val_loss[i].item(), val_accuracy=val_acc[i].item())
         if m.cfg.log_test_curve:
             metrics["test_loss"], metrics["test_accuracy"] = test_loss[i].item(), test_acc[i].item()
@@ -144,29 +166,29 @@ def advance(member: Member, metrics: dict, w_k, b_k, on_epoch: OnEpoch | None) -
 
 
 def fit_side_by_side(cfgs: list[TrainConfig], data: Tensors, on_epoch: OnEpoch | None = None,
-                     on_end: OnEnd | None = None) -> list[FitResult | Exception]:
-    """Train one model per config on the same batches; each model's outcome, in the order of ``cfgs``.
+                     on_end: OnEnd | None = None, refill: Callable[[], TrainConfig | None] | None = None,
+                     ) -> list[FitResult | Exception]:
+    """Train one model per config side by side; each model's outcome, in the order they joined.
 
     A model's outcome is its ``FitResult`` (as ``fit`` returns it), the ``DivergedError`` it failed with,
     or the exception its ``on_epoch`` raised. ``on_end`` sees each outcome as soon as that model stops,
-    while the others still train. KeyboardInterrupt is not an outcome: it stops them all.
+    while the others still train; then ``refill`` (if given) may return the config of a model to take
+    its place from the next epoch on (None: no more), so the stack stays full while models drop out.
+    KeyboardInterrupt is not an outcome: it stops them all.
     """
-    check_compatible(cfgs)
+    check_compatible(cfgs, cfgs[0].batch_size)
     torch.set_num_threads(1)  # as in fit: the small ops gain nothing from threads that wait for each other
-    models = {i: build_model(cfg.seed) for i, cfg in enumerate(cfgs)}  # each starts where it would alone
-    weights = {i: (m[1].weight.detach(), m[1].bias.detach()) for i, m in models.items()}
-    members = [Member(i, cfg, FitResult(model=models[i], best_val_accuracy=-1.0)) for i, cfg in enumerate(cfgs)]
+    members = [join(i, cfg) for i, cfg in enumerate(cfgs)]
     outcomes: list = [None] * len(cfgs)
-    generator = torch.Generator().manual_seed(cfgs[0].seed)
-    epoch = 0
     while members:
-        epoch += 1
-        w, b, lr, wd = stack(members, weights)
-        train_loss, train_acc = train_epoch(w, b, lr, wd, *data.train, cfgs[0].batch_size, generator)
-        per_member = epoch_metrics(w, b, members, data, epoch, train_loss, train_acc)
+        w, b, lr, wd = stack(members)
+        for m in members:
+            m.epoch += 1
+        train_loss, train_acc = train_epoch(w, b, lr, wd, *data.train, cfgs[0].batch_size,
+                                            [m.generator for m in members])
         still = []
-        for i, (member, metrics) in enumerate(zip(members, per_member)):
-            weights[member.index] = (w[i].detach(), b[i].detach())
+        for i, (member, metrics) in enumerate(zip(members, epoch_metrics(w, b, members, data, train_loss, train_acc))):
+            member.weight, member.bias = w[i].detach(), b[i].detach()
             outcome = advance(member, metrics, w[i], b[i], on_epoch)
             if outcome is None:
                 still.append(member)
@@ -174,5 +196,10 @@ def fit_side_by_side(cfgs: list[TrainConfig], data: Tensors, on_epoch: OnEpoch |
             outcomes[member.index] = outcome
             if on_end is not None:
                 on_end(member.index, outcome)
-        members = still  # the next epoch restacks only the members still training
+            new = refill() if refill is not None else None
+            if new is not None:
+                check_compatible([new], cfgs[0].batch_size)
+                still.append(join(len(outcomes), new))
+                outcomes.append(None)
+        members = still  # the next epoch restacks the members still training and the newcomers
     return outcomes

@@ -64,7 +64,8 @@ def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, runnin
     # the tags mlflow.start_run(nested=True) would set (user, source, parent), for a run we keep open
     # beside the others: the fluent API holds one active run, a group needs K
     tags = mlflow_context.resolve_tags({MLFLOW_PARENT_RUN_ID: parent.run_id, MLFLOW_RUN_NAME: name,
-                                        STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number)})
+                                        STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number),
+                                        SIDE_BY_SIDE_TAG: str(cfg.side_by_side)})
     member.run_id = MlflowClient().create_run(parent.experiment_id, tags=tags, run_name=name).info.run_id
     trial.set_user_attr(RUN_ID_ATTR, member.run_id)
     mlflow.log_params(asdict(member.cfg), run_id=member.run_id)
@@ -114,8 +115,8 @@ def finish(study, member: Running, outcome, splits: Splits) -> None:
 
 def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: Splits, tensors: Tensors,
               parent) -> bool:
-    """Ask up to K trials, train them side by side, tell each its state as soon as it stops; False if
-    the study was already full.
+    """Ask up to K trials, train them side by side, tell each its state as soon as it stops and ask a
+    new one into its place while the study is not full; False if the study was already full.
 
     Each ask checks the count again, so that workers asking at the same time together stop at the total.
     """
@@ -133,6 +134,14 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         finish(study, member, outcome, splits)
         running.remove(member)
 
+    def refill() -> TrainConfig | None:  # a new trial takes the finished one's place in the stack
+        fail_stale(study)
+        if is_full(study, cfg):
+            return None
+        ask(study, cfg, space, parent, running)
+        running_by_index.append(running[-1])
+        return running[-1].cfg
+
     try:
         for _ in range(cfg.side_by_side):
             if is_full(study, cfg):
@@ -140,10 +149,8 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
             ask(study, cfg, space, parent, running)
         if not running:
             return False
-        for member in running:  # recorded on each run: how many trials trained in its stack
-            MlflowClient().set_tag(member.run_id, SIDE_BY_SIDE_TAG, str(len(running)))
         running_by_index = list(running)
-        fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end)
+        fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end, refill=refill)
         return True
     except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
         reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
@@ -162,6 +169,13 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
             member.heartbeat.join()  # (joining twice is harmless)
 
 
+def fail_stale(study: optuna.Study) -> None:
+    """Fail the trials of workers that died (SQL storages), as study.optimize does before each trial."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+
+
 def is_full(study: optuna.Study, cfg: TuneConfig) -> bool:
     """Whether the study holds ``cfg.trials`` (as ``work_on_study`` counts them).
 
@@ -175,8 +189,6 @@ def work_side_by_side(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, 
                       tensors: Tensors, parent) -> None:
     """``work_on_study`` with up to K trials at a time: groups until the study holds ``cfg.trials``."""
     while True:
-        with warnings.catch_warnings():  # as study.optimize does before each trial (SQL storages)
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        fail_stale(study)
         if not run_group(study, cfg, space, splits, tensors, parent):
             return
