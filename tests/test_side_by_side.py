@@ -168,7 +168,7 @@ def test_a_diverging_trial_fails_alone_in_its_group(real_slice, mlflow_store, tm
     assert_one_finished_run_per_trial(study)
 
 
-def wait_for_group(storage: str, size: int, timeout: float = 120) -> None:
+def wait_for_group(storage: str, size: int, timeout: float = 300) -> None:
     """Poll until the seed trial (10 epochs) has completed while the rest of its group still trains."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
