@@ -37,7 +37,7 @@ TARGET_SPEEDUP = 4.0
 def epoch_cost_per_trial(tensors: Tensors, epochs: int) -> dict:
     """Seconds per epoch per trial: one model with ``fit``, then K stacked; the minimum is the best K."""
     cfg = TrainConfig(epochs=epochs, patience=0)
-    fit(build_model(cfg.seed), tensors, TrainConfig(epochs=1))  # warm-up: torch.optim's first use imports seconds of torch
+    fit(build_model(cfg.seed), tensors, TrainConfig(epochs=1))  # warm-up: torch.optim's first use imports more torch
     start = time.perf_counter()
     fit(build_model(cfg.seed), tensors, cfg)
     costs = {"alone": (time.perf_counter() - start) / epochs}
@@ -111,7 +111,8 @@ def compare(study: dict, data_dir: str | None, quick: bool) -> list[Result]:
               f"seeds {study['seeds']}, test_best false, on "
               f"{data_text}; fresh sqlite "
               "stores per study; wall time includes interpreter start"))
-    study_result.check("speedup", speedup, TARGET_SPEEDUP, True, f"side by side >= {TARGET_SPEEDUP:g}x the trials per minute")
+    study_result.check("speedup", speedup, TARGET_SPEEDUP, True,
+                       f"side by side >= {TARGET_SPEEDUP:g}x the trials per minute")
     study_result.check("quality", gap, -noise, True,
                        "mean best val accuracy over seeds no worse than sequential's, beyond one seed-to-seed stdev")
     return [epoch_cost, study_result]
