@@ -51,6 +51,7 @@ DELIVERED_PREFIX = "delivered_"  # main's params delivered_lr, ...: the settings
 DELIVERED_RUN_TAG = "pipeline.delivered_run_id"  # on main: the run that trained the delivered model
 TRIAL_TAG = "pipeline.trial_number"
 TRIAL_STATE_TAG = "pipeline.trial_state"  # Optuna's state of a trial run: COMPLETE, PRUNED, FAIL
+SIDE_BY_SIDE_TAG = "pipeline.side_by_side"  # on a trial run: how many trials trained in its stack
 BEST_MODEL_TAG = "pipeline.best_model_uri"
 BEST_TRIAL_TAG = "pipeline.best_trial"
 BEST_RUN_TAG = "pipeline.best_run_id"

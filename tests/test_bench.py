@@ -89,3 +89,20 @@ def test_memory_sampler_counts_the_whole_process_tree(tmp_path):
     assert sampled.peak_tree_pss_mb >= 200 and sampled.peak_tree_rss_mb >= 200
     assert sampled.largest_process_mb >= 200  # the kernel's figure for the grandchild, via wait4
     assert len(sampled.at_peak) == 2  # child and grandchild
+
+
+@pytest.mark.slow
+def test_side_by_side_benchmark_runs_on_a_slice(tmp_path, subprocess_env, real_data_dir):
+    stdout, results = run_bench(["side_by_side"], tmp_path, subprocess_env, real_data_dir)
+    assert set(results) == {"side_by_side_epoch", "side_by_side_study"}
+    check_report(stdout, results)
+
+    epoch = results["side_by_side_epoch"]["metrics"]
+    assert epoch["fastest_k"] in (1, 2, 4, 8, 16, 32) and epoch[f"k{epoch['fastest_k']}_epoch_s_per_trial"] > 0
+    study = results["side_by_side_study"]["metrics"]
+    assert study["trials"] == 4 and study["k"] == 2
+    for mode in ("sequential", "side_by_side"):
+        assert study[f"{mode}_trials_per_min"] == pytest.approx(4 / (study[f"{mode}_wall_s_mean"] / 60))
+        assert 0.1 < study[f"{mode}_best_val_accuracy_min"] <= study[f"{mode}_best_val_accuracy_max"] <= 1
+    assert study["speedup_x"] == pytest.approx(study["side_by_side_trials_per_min"] / study["sequential_trials_per_min"])
+    assert set(results["side_by_side_study"]["targets"]) == {"speedup", "quality"}

@@ -185,7 +185,8 @@ def test_small_study_on_real_data(real_slice, mlflow_store, tmp_path):
 def test_resume_keeps_trials_and_same_seed_gives_same_study(real_slice, mlflow_store, tmp_path):
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cfg = TuneConfig(trials=3, storage=storage, study_name="a", pruner="none", test_best=False)
+    cfg = TuneConfig(trials=3, storage=storage, study_name="a", pruner="none", test_best=False,
+                     side_by_side=1)  # one at a time: tests/test_side_by_side.py covers groups
     first = run_study(cfg, SMALL_SPACE, str(data))
     before = [(t.number, t.params, t.value) for t in first.trials]
 
@@ -235,7 +236,8 @@ def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(real_slice, subprocess_
     _, data = real_slice
     storage = f"journal:///{tmp_path / 'optuna.log'}"  # any storage would do: this test covers journal files
     # Long trials (many epochs, no early stopping) so that trial 1 is surely running when we interrupt.
-    long_trials = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0", "--pruner", "none"]
+    long_trials = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0", "--pruner", "none",
+                   "--side-by-side", "1"]  # one at a time: tests/test_side_by_side.py covers groups
     process = subprocess.Popen(tune_command(data, storage, "--trials", "3", *long_trials), env=subprocess_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_running_trial(storage, 1)

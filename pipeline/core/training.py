@@ -13,7 +13,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 from pipeline.config import TrainConfig
 from pipeline.core.splits import Splits, to_tensor
@@ -73,7 +72,10 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
     return loss, accuracy
 
 
-def batch_augmentation() -> v2.Transform:
+def batch_augmentation():
+    # imported here: torchvision adds ~160 MB to every training process, and only augmentation needs it
+    from torchvision.transforms import v2
+
     # Light, label-preserving changes; v2 transforms draw one set of parameters per call, so a whole
     # batch is flipped/shifted together, which keeps augmentation as cheap as a single tensor op.
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))])

@@ -29,10 +29,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     ends FAILED with a clear message.
     """
     tensors = tensors or Tensors.from_splits(splits)
-    tracking.log_new_params(asdict(cfg))
-    # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
-    mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
-    tracking.log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
+    log_training_inputs(cfg, splits)
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
 
     def after_epoch(metrics: dict) -> None:
@@ -51,6 +48,22 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
         raise
     finally:
         bar.close()
+    return result, log_fit_result(result, splits, cfg)
+
+
+def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
+    """Before training, on the active run: the settings, and the data it learns from and chooses by."""
+    tracking.log_new_params(asdict(cfg))
+    # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
+    mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
+    tracking.log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
+
+
+def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
+    """After training, on the active run: the curves figure, the best epoch's model and the summary.
+
+    Trials trained side by side (``pipeline.support.batched_trials``) log through here too.
+    """
     mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
     model_info = tracking.log_model(result.model, splits.val_x[:4], step=result.best_epoch,
                                     name=tracking.model_name(cfg))
@@ -58,7 +71,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)
     mlflow.set_tags({STOPPED_EARLY_TAG: result.stopped_early, MODEL_URI_TAG: model_info.model_uri})
-    return result, model_info
+    return model_info
 
 
 @click.command("train")

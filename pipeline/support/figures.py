@@ -11,7 +11,6 @@ import pandas as pd
 import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from torchvision.utils import make_grid
 
 from pipeline.config import CLASS_NAMES, NUM_CLASSES
 
@@ -49,6 +48,8 @@ def training_curves(history: list[dict], title: str = "") -> Figure:
 
 def samples_per_class(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> Figure:
     """The first ``per_class`` images of each class, one row per class."""
+    from torchvision.utils import make_grid  # here: torchvision costs ~160 MB in every process that imports us
+
     rows = [images[np.flatnonzero(labels == c)[:per_class]] for c in range(NUM_CLASSES)]
     grid = make_grid(torch.from_numpy(np.concatenate(rows)).unsqueeze(1), nrow=per_class, padding=2, pad_value=255)
     fig = Figure(figsize=(per_class * 0.8 + 1.5, NUM_CLASSES * 0.8 + 0.5))

@@ -66,10 +66,11 @@ def log_model(model, example_images: np.ndarray, step: int, name: str = MODEL_AR
     )
 
 
-def log_epoch(metrics: dict, synchronous: bool = True) -> None:
-    """One batched call per epoch, the epoch number as the step."""
+def log_epoch(metrics: dict, synchronous: bool = True, run_id: str | None = None) -> None:
+    """One batched call per epoch, the epoch number as the step; to the active run unless ``run_id``."""
     step = metrics["epoch"]
-    mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step, synchronous=synchronous)
+    mlflow.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=step, synchronous=synchronous,
+                       run_id=run_id)
 
 
 def log_series(table: pd.DataFrame, steps) -> None:

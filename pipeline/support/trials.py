@@ -98,6 +98,9 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
     tensors = Tensors.from_splits(splits)  # once per process, shared by all its trials
     study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg),
                               pruner=make_pruner(cfg.pruner, space))
+    if cfg.side_by_side > 1:  # K trials at a time, trained as one stack (imported here: it imports us)
+        from pipeline.support.batched_trials import work_side_by_side
+        return work_side_by_side(study, cfg, space, splits, tensors, parent)
     while True:
         recover_dead_trials(study)
         trials = study.get_trials(deepcopy=False)

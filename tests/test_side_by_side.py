@@ -1,0 +1,237 @@
+"""Trials side by side: K models trained as one stacked layer, each exactly as it would train alone.
+
+The oracle is ``pipeline.core.training.fit`` (torch.optim.SGD on one nn.Linear): a model trained side by
+side with others must give the same per-epoch metrics and weights as the same model trained alone, up to
+float rounding (one (10K)x784 matrix product sums in another order than K 10x784 ones). Then the study:
+real sqlite MLflow stores and Optuna storages, real processes, a real SIGINT and a real kill -9.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from pipeline.config import SearchSpace, TrainConfig, TuneConfig
+from pipeline.core.model import build_model
+from pipeline.core.side_by_side import fit_side_by_side
+from pipeline.core.training import DivergedError, Tensors, fit
+from pipeline.names import (FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR,
+                            SIDE_BY_SIDE_TAG)
+from pipeline.steps.tune import run_study
+from tests.test_tune import assert_one_finished_run_per_trial, load, tune_command
+
+SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
+# lr differs by 10x and more, weight decay on and off: the per-model parts of the SGD step are exercised
+CONFIGS = [TrainConfig(lr=0.1, epochs=3, patience=0),
+           TrainConfig(lr=0.5, weight_decay=1e-3, epochs=3, patience=0),
+           TrainConfig(lr=0.01, weight_decay=1e-2, epochs=2, patience=0)]
+
+
+@pytest.fixture(scope="module")
+def tensors(real_slice) -> Tensors:
+    return Tensors.from_splits(real_slice[0])
+
+
+def assert_same_training(side_by_side, alone) -> None:
+    """Same epochs, metrics and best epoch, weights equal to float tolerance."""
+    assert len(side_by_side.history) == len(alone.history)
+    for ours, theirs in zip(side_by_side.history, alone.history):
+        assert ours.keys() == theirs.keys() and ours["epoch"] == theirs["epoch"]
+        for name in ("train_loss", "val_loss"):
+            assert ours[name] == pytest.approx(theirs[name], rel=1e-3), name
+        for name in ("train_accuracy", "val_accuracy"):  # a flipped borderline image or two at most
+            assert ours[name] == pytest.approx(theirs[name], abs=2e-3), name
+    assert side_by_side.best_epoch == alone.best_epoch
+    assert side_by_side.stopped_early == alone.stopped_early
+    for ours, theirs in zip(side_by_side.model.state_dict().values(), alone.model.state_dict().values()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+
+
+def test_each_model_trains_as_it_would_alone(tensors):
+    ends = []
+    outcomes = fit_side_by_side(CONFIGS, tensors, on_end=lambda i, outcome: ends.append((i, len(outcome.history))))
+    for cfg, outcome in zip(CONFIGS, outcomes):
+        assert_same_training(outcome, fit(build_model(cfg.seed), tensors, cfg))
+    # the 2-epoch model finished (and was handed over) while the others still trained
+    assert ends == [(2, 2), (0, 3), (1, 3)]
+    assert type(outcomes[0].model) is type(build_model(0))  # what tracking.log_model logs for a trial
+
+
+def test_a_stopped_model_drops_out_and_the_others_go_on(tensors):
+    """``on_epoch`` raising (Optuna's pruner) stops that model only; early stopping likewise."""
+    class Pruned(Exception):
+        pass
+
+    def prune_the_first_at_epoch_2(i, metrics):
+        if i == 0 and metrics["epoch"] == 2:
+            raise Pruned()
+
+    patient = TrainConfig(lr=0.5, epochs=6, patience=1)  # stops at the first epoch without a better val accuracy
+    cfgs = [CONFIGS[0], CONFIGS[1], patient]
+    outcomes = fit_side_by_side(cfgs, tensors, on_epoch=prune_the_first_at_epoch_2)
+    assert isinstance(outcomes[0], Pruned)
+    assert_same_training(outcomes[1], fit(build_model(0), tensors, cfgs[1]))
+    alone = fit(build_model(0), tensors, patient)
+    assert_same_training(outcomes[2], alone)
+    assert len(alone.history) == len(outcomes[2].history) < 6 and outcomes[2].stopped_early
+
+
+def test_a_diverging_model_fails_alone(tensors):
+    huge = TrainConfig(lr=1e38, epochs=3, patience=0)  # the loss becomes NaN in the first epoch
+    outcomes = fit_side_by_side([CONFIGS[0], huge, CONFIGS[1]], tensors)
+    with pytest.raises(DivergedError, match="training diverged at epoch 1"):
+        fit(build_model(0), tensors, huge)
+    assert isinstance(outcomes[1], DivergedError) and outcomes[1].epoch == 1
+    for i in (0, 2):  # its NaNs stayed in its own rows
+        assert_same_training(outcomes[i], fit(build_model(0), tensors, [CONFIGS[0], huge, CONFIGS[1]][i]))
+
+
+def test_a_newcomer_takes_a_finished_models_place_and_trains_as_it_would_alone(tensors):
+    """``refill``: when a model stops, a new one joins at the next epoch with its own batch order."""
+    newcomers = [TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, seed=5)]
+    joined_at = []
+
+    def refill():
+        joined_at.append(len(ends))
+        return newcomers.pop() if newcomers else None
+
+    ends = []
+    outcomes = fit_side_by_side(CONFIGS, tensors, on_end=lambda i, outcome: ends.append(i), refill=refill)
+    assert ends == [2, 0, 1, 3] and joined_at[0] == 1  # it joined after the 2-epoch model ended, at epoch 3
+    assert len(outcomes) == 4
+    for cfg, outcome in zip(CONFIGS, outcomes):
+        assert_same_training(outcome, fit(build_model(cfg.seed), tensors, cfg))
+    seed5 = TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, seed=5)
+    assert_same_training(outcomes[3], fit(build_model(5), tensors, seed5))
+
+
+@pytest.mark.parametrize("other, message", [(TrainConfig(batch_size=64), "one batch size"),
+                                            (TrainConfig(augment=True), "neither input_dropout nor augment")])
+def test_models_that_cannot_share_batches_are_refused(other, message):
+    with pytest.raises(ValueError, match=message):
+        fit_side_by_side([TrainConfig(), other], data=None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The study: ask/tell, one MLflow run per trial, interrupts and kills
+
+
+@pytest.mark.slow
+def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, mlflow_store, tmp_path):
+    """Same seed: the same trials with the same results, each with its own complete MLflow run."""
+    _, data = real_slice
+    cfg = TuneConfig(trials=5, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="one", pruner="none",
+                     test_best=False, side_by_side=1)
+    alone = run_study(cfg, SMALL_SPACE, str(data))
+    together = run_study(TuneConfig(**{**cfg.__dict__, "study_name": "three", "side_by_side": 3}),
+                         SMALL_SPACE, str(data))
+
+    assert [t.state for t in together.trials] == [TrialState.COMPLETE] * 5
+    assert [t.params for t in together.trials] == [t.params for t in alone.trials]
+    assert [t.value for t in together.trials] == pytest.approx([t.value for t in alone.trials], abs=2e-3)
+    assert_one_finished_run_per_trial(together)
+    client = mlflow.MlflowClient()
+    for ours, theirs in zip(together.trials, alone.trials):
+        run, reference = (mlflow.get_run(t.user_attrs[RUN_ID_ATTR]) for t in (ours, theirs))
+        assert run.info.status == "FINISHED" and run.data.params == reference.data.params
+        assert run.data.metrics.keys() == reference.data.metrics.keys()  # per-epoch, best_epoch, epochs_run...
+        assert run.data.metrics["best_epoch"] == reference.data.metrics["best_epoch"]
+        curve = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert curve == pytest.approx([m.value for m in client.get_metric_history(reference.info.run_id, "val_loss")],
+                                      rel=1e-3)
+        assert ours.user_attrs[MODEL_URI_ATTR].startswith("models:/")
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == \
+               {a.path for a in client.list_artifacts(reference.info.run_id)}
+    assert all(mlflow.get_run(t.user_attrs[RUN_ID_ATTR]).data.tags[SIDE_BY_SIDE_TAG] == "3" for t in together.trials)
+
+
+@pytest.mark.slow
+def test_a_diverging_trial_fails_alone_in_its_group(real_slice, mlflow_store, tmp_path):
+    _, data = real_slice
+    huge_lr = SearchSpace(lr_low=1e37, lr_high=1e38, epochs_low=1, epochs_high=2)  # loss becomes NaN
+    cfg = TuneConfig(trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", test_best=False,
+                     side_by_side=3)
+    with pytest.warns(UserWarning, match="out of range"):  # the seed recipe's lr lies outside this space
+        study = run_study(cfg, huge_lr, str(data))
+
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.FAIL]
+    for trial in study.trials[1:]:
+        assert "training diverged at epoch 1" in trial.user_attrs[FAIL_REASON_ATTR]
+        run = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "FAILED" and "diverged" in run.data.tags[FAILURE_TAG]
+    assert_one_finished_run_per_trial(study)
+
+
+def wait_for_group(storage: str, size: int, timeout: float = 300) -> None:
+    """Poll until the seed trial (10 epochs) has completed while the rest of its group still trains."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            trials = load(storage).trials
+        except KeyError:  # the study is not created yet
+            trials = []
+        if len(trials) == size and trials[0].state == TrialState.COMPLETE and all(
+                t.state == TrialState.RUNNING and RUN_ID_ATTR in t.user_attrs for t in trials[1:]):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"no group of {size} with its seed trial complete within {timeout} s")
+
+
+LONG_TRIALS = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0", "--pruner", "none"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_fails_every_running_trial_and_the_next_run_resumes(real_slice, subprocess_env, tmp_path):
+    _, data = real_slice
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    process = subprocess.Popen(tune_command(data, storage, "--trials", "3", "--side-by-side", "3", *LONG_TRIALS),
+                               env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_group(storage, 3)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode != 0, output
+
+    study = load(storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 2, output
+    for trial in study.trials[1:]:
+        assert trial.user_attrs[INTERRUPTED_ATTR] == "interrupted (SIGINT)"
+        run = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "KILLED" and "interrupted (SIGINT)" in run.data.tags[FAILURE_TAG], output
+
+    # interrupted trials hold no place: the next run trains 2 new ones
+    resume = subprocess.run(tune_command(data, storage, "--trials", "3", "--side-by-side", "3"), env=subprocess_env,
+                            capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stdout + resume.stderr
+    study = load(storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    assert_one_finished_run_per_trial(study)
+
+
+@pytest.mark.slow
+def test_killed_worker_group_is_failed_by_its_missing_heartbeats(real_slice, subprocess_env, tmp_path):
+    """kill -9 mid-group: each trial's own heartbeat stops, so the next run fails them all and goes on."""
+    _, data = real_slice
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = TuneConfig(trials=3, storage=storage, study_name="s", test_best=False, heartbeat_interval=1,
+                     patience=0, pruner="none", side_by_side=3)
+    long_trials = SearchSpace(epochs_low=300, epochs_high=300)
+    script = f"import sys; from pipeline.steps.tune import *; run_study({cfg!r}, {long_trials!r}, sys.argv[1])"
+    process = subprocess.Popen([sys.executable, "-c", script, str(data)], env=subprocess_env)
+    wait_for_group(storage, 3)
+    process.kill()
+    process.wait()
+    time.sleep(2 * cfg.heartbeat_interval + 1)  # Optuna's grace period: two missed heartbeats
+
+    study = run_study(cfg, SMALL_SPACE, str(data))
+    # without heartbeats of their own the two would stay RUNNING forever, holding their places
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    for trial in study.trials[1:3]:
+        killed = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR])
+        assert killed.info.status == "KILLED" and "heartbeats" in killed.data.tags[FAILURE_TAG]
+    assert_one_finished_run_per_trial(study)
