@@ -214,8 +214,9 @@ def test_ctrl_c_fails_every_running_trial_and_the_next_run_resumes(real_slice, s
 
 
 @pytest.mark.slow
-def test_killed_worker_group_is_failed_by_its_missing_heartbeats(real_slice, subprocess_env, tmp_path):
-    """kill -9 mid-group: each trial's own heartbeat stops, so the next run fails them all and goes on."""
+def test_killed_worker_group_is_failed_and_the_next_run_goes_on(real_slice, subprocess_env, tmp_path):
+    """kill -9 mid-group: each trial recorded its owner, so the next run on this host sees the process
+    gone, fails them all and goes on (another host would see each trial's own heartbeat stop)."""
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = TuneConfig(trials=3, storage=storage, study_name="s", test_best=False, heartbeat_interval=1,
@@ -226,12 +227,11 @@ def test_killed_worker_group_is_failed_by_its_missing_heartbeats(real_slice, sub
     wait_for_group(storage, 3)
     process.kill()
     process.wait()
-    time.sleep(2 * cfg.heartbeat_interval + 1)  # Optuna's grace period: two missed heartbeats
 
     study = run_study(cfg, SMALL_SPACE, str(data))
-    # without heartbeats of their own the two would stay RUNNING forever, holding their places
+    # without an owner or heartbeats of their own the two would stay RUNNING forever, holding their places
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] + [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
     for trial in study.trials[1:3]:
         killed = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR])
-        assert killed.info.status == "KILLED" and "heartbeats" in killed.data.tags[FAILURE_TAG]
+        assert killed.info.status == "KILLED" and "died" in killed.data.tags[FAILURE_TAG]
     assert_one_finished_run_per_trial(study)

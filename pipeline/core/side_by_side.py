@@ -148,7 +148,7 @@ def advance(member: Member, metrics: dict, w_k, b_k, on_epoch: OnEpoch | None) -
     result, cfg, epoch = member.result, member.cfg, metrics["epoch"]
     result.history.append(metrics)
     if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])):
-        return DivergedError(epoch, metrics)
+        return DivergedError(epoch, metrics, cfg)
     if metrics["val_accuracy"] > result.best_val_accuracy:
         result.best_epoch, result.best_val_accuracy = epoch, metrics["val_accuracy"]
         member.best_state = {"1.weight": w_k.detach().clone(), "1.bias": b_k.detach().clone()}
