@@ -30,7 +30,9 @@ MISTAKES_FIGURE = "confident_mistakes.png"
 TEST_PREDICTIONS = "test_predictions.npz"  # predicted and true labels per test image: paired tests
 REGISTRY_DECISION = "registry_decision.json"
 STUDY_FOLDER = "study"  # the tune run's trials table and figures: study/trials.csv, study/<figure>.png
-REPORT_FOLDER = "report"
+REPORT_FOLDER = "report"  # a report run's artifacts, also written to reports/<experiment>/:
+LEADERBOARD_MD, LEADERBOARD_CSV, SEEDS_CSV, REPORT_CURVES = (
+    "leaderboard.md", "leaderboard.csv", "seeds.csv", "accuracy_curves.png")
 CONVEX_TABLE = "convex_optimum.csv"  # one row per weight decay: objective, gradient norm, accuracies
 STABILITY_TABLES = {"sweep": "loss_vs_scale", "race": "training_loss"}  # .csv/.json/.png of each
 

@@ -7,9 +7,12 @@ import contextlib
 import gzip
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,33 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for_url(url: str, process: subprocess.Popen, output, seconds: float = 240) -> None:
+    """Poll ``url`` until the server started as ``process`` answers; if it dies or is late, stop it and
+    fail with the end of its ``output()``."""
+    deadline = time.time() + seconds
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                stop_process_group(process)
+                raise AssertionError(f"{url} did not answer:\n{output()[-3000:]}")
+            time.sleep(1)
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to a server's process group (started with start_new_session: mlflow, uvicorn, workers),
+    then SIGKILL to what lingers."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 @contextlib.contextmanager

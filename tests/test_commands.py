@@ -1,11 +1,8 @@
 """Commands the README gives, run as written from a shell without the venv on PATH."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,7 +15,7 @@ from pipeline.core.metrics import predict_logits
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.steps.train import train
 from pipeline.support.registry import promote_if_better
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, stop_process_group, wait_for_url
 
 FRESH_SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"  # no venv: `uvicorn`, `mlflow` are not found here
 
@@ -32,29 +29,6 @@ def make(target: str, env: dict, **variables) -> subprocess.Popen:
                             start_new_session=True)  # its own process group: make, mlflow, uvicorn stop together
 
 
-def wait_for(url: str, process: subprocess.Popen, seconds: float = 240) -> None:
-    deadline = time.time() + seconds
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            if process.poll() is not None or time.time() > deadline:
-                stop(process)
-                pytest.fail(f"{url} did not answer:\n{process.stdout.read()[-3000:]}")
-            time.sleep(1)
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
 @pytest.mark.slow
 def test_make_serve_answers_from_a_fresh_shell(mlflow_store, real_slice, subprocess_env):
     splits = real_slice[0]
@@ -65,7 +39,7 @@ def test_make_serve_answers_from_a_fresh_shell(mlflow_store, real_slice, subproc
     port = free_port()
     server = make("serve", env, SERVE_PORT=port)
     try:
-        wait_for(f"http://127.0.0.1:{port}/ping", server)
+        wait_for_url(f"http://127.0.0.1:{port}/ping", server, server.stdout.read)
         images = (splits.test_x[:16] / 255.0).astype(np.float32)[:, None]  # (N, 1, 28, 28) in [0, 1]
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": images.tolist()}).encode(),
@@ -74,5 +48,5 @@ def test_make_serve_answers_from_a_fresh_shell(mlflow_store, real_slice, subproc
         expected = predict_logits(result.model, splits.test_x[:16]).numpy()
         np.testing.assert_allclose(served, expected, rtol=1e-4, atol=1e-4)
     finally:
-        stop(server)
+        stop_process_group(server)
     assert f"models:/{MODEL_NAME}@{CHAMPION}" in server.stdout.read()  # it served the champion

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.steps.main import entry_point_defaults, step_parameters
 from pipeline.errors import PipelineError
+from pipeline.steps.main import step_parameters
 from tests.helpers import REPO, child_env
 
 

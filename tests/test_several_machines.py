@@ -4,13 +4,10 @@ sharing nothing but the two URLs. prepare runs on one, tune on two at once, eval
 a fourth, and everything a step needs from another (the prepared split, the models) comes over HTTP.
 """
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import optuna
@@ -21,7 +18,7 @@ from mlflow import MlflowClient
 from pipeline.config import TuneConfig
 from pipeline.names import CHAMPION, EXPERIMENT_NAME, MODEL_NAME, STUDY_TAG, TRIAL_TAG
 from pipeline.support.optuna_storage import open_storage
-from tests.helpers import child_env, free_port, postgres_server
+from tests.helpers import child_env, free_port, postgres_server, stop_process_group, wait_for_url
 
 STUDY = ["--study-name", "shared", "--epochs-low", "1", "--epochs-high", "2", "--pruner", "none"]
 
@@ -45,27 +42,8 @@ def start_tracking_server(backend: str, artifacts, cwd, port: int) -> subprocess
     log = open(cwd / "server.log", "w")  # a file: a pipe nobody reads fills up and blocks the server
     server = subprocess.Popen(command, cwd=cwd, env=child_env(""), stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
-    deadline = time.time() + 240
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return server
-        except OSError:
-            if server.poll() is not None or time.time() > deadline:
-                stop(server)
-                pytest.fail(f"mlflow server did not start:\n{(cwd / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-
-
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (mlflow, uvicorn, its job runner); SIGKILL what lingers."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    wait_for_url(f"http://127.0.0.1:{port}/health", server, (cwd / "server.log").read_text)
+    return server
 
 
 def on_machine(machine, tracking_uri: str, *args: str) -> subprocess.Popen:
@@ -141,7 +119,7 @@ def test_prepare_tune_on_two_machines_evaluate_and_register_over_http(real_data_
             assert champion.source == study.best_trial.user_attrs["model_uri"]
         finally:
             mlflow.set_tracking_uri(None)
-            stop(server)
+            stop_process_group(server)
     # the machines wrote no MLflow store or artifacts of their own: all of it went to the server
     for machine in "abcd":
         assert not {"mlruns", "mlflow.db", "mlartifacts"} & {p.name for p in (tmp_path / machine).iterdir()}

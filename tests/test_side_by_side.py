@@ -9,10 +9,8 @@ real sqlite MLflow stores and Optuna storages, real processes, a real SIGINT and
 import signal
 import subprocess
 import sys
-import time
 
 import mlflow
-import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -24,9 +22,9 @@ from pipeline.core.training import DivergedError, Tensors, fit
 from pipeline.names import (FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR,
                             SIDE_BY_SIDE_TAG)
 from pipeline.steps.tune import run_study
-from tests.test_tune import assert_one_finished_run_per_trial, load, tune_command
+from tests.study_helpers import (SMALL_SPACE, assert_one_finished_run_per_trial, load, running_with_run, tune_command,
+                                 wait_for_trials)
 
-SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
 # lr differs by 10x and more, weight decay on and off: the per-model parts of the SGD step are exercised
 CONFIGS = [TrainConfig(lr=0.1, epochs=3, patience=0),
            TrainConfig(lr=0.5, weight_decay=1e-3, epochs=3, patience=0),
@@ -168,19 +166,11 @@ def test_a_diverging_trial_fails_alone_in_its_group(real_slice, mlflow_store, tm
     assert_one_finished_run_per_trial(study)
 
 
-def wait_for_group(storage: str, size: int, timeout: float = 300) -> None:
-    """Poll until the seed trial (10 epochs) has completed while the rest of its group still trains."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            trials = load(storage).trials
-        except KeyError:  # the study is not created yet
-            trials = []
-        if len(trials) == size and trials[0].state == TrialState.COMPLETE and all(
-                t.state == TrialState.RUNNING and RUN_ID_ATTR in t.user_attrs for t in trials[1:]):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no group of {size} with its seed trial complete within {timeout} s")
+def wait_for_group(storage: str, size: int) -> None:
+    """Wait until the seed trial (10 epochs) has completed while the rest of its group still trains."""
+    wait_for_trials(storage, lambda trials: len(trials) == size and trials[0].state == TrialState.COMPLETE
+                    and all(map(running_with_run, trials[1:])),
+                    f"no group of {size} with its seed trial complete")
 
 
 LONG_TRIALS = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0", "--pruner", "none"]

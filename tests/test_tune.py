@@ -3,16 +3,11 @@
 Trials run on a 2,000-image slice of the real data with a few epochs, so each takes well under a second.
 """
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -21,45 +16,14 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from pipeline.cli import cli
-from pipeline.config import TrainConfig
+from pipeline.config import SearchSpace, TrainConfig, TuneConfig, is_journal
 from pipeline.errors import PipelineError
-from pipeline.config import SearchSpace, TuneConfig, is_journal
-from pipeline.names import (BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR,
-                            STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG)
+from pipeline.names import BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR
 from pipeline.steps.tune import run_study
 from pipeline.support.optuna_storage import open_storage
 from pipeline.support.search import make_pruner, make_sampler
-
-SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
-
-
-def load(storage: str, name: str = "s") -> optuna.Study:
-    return optuna.load_study(study_name=name, storage=open_storage(TuneConfig(storage=storage)))
-
-
-def trial_runs(study_name: str) -> list:
-    """The MLflow child runs of a study's trials, across all parent runs."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string=f"tags.`{STUDY_TAG}` = '{study_name}'")
-    return [r for r in runs if TRIAL_TAG in r.data.tags]
-
-
-def assert_one_finished_run_per_trial(study: optuna.Study) -> None:
-    runs = trial_runs(study.study_name)
-    assert Counter(int(r.data.tags[TRIAL_TAG]) for r in runs) == Counter(t.number for t in study.trials)
-    by_id = {r.info.run_id: r for r in runs}
-    for trial in study.trials:
-        run = by_id[trial.user_attrs[RUN_ID_ATTR]]
-        assert int(run.data.tags[TRIAL_TAG]) == trial.number
-        assert run.data.tags[TRIAL_STATE_TAG] == trial.state.name
-        assert run.info.status != "RUNNING"
-        assert "mlflow.parentRunId" in run.data.tags
-
-
-def tune_command(data: Path, storage: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "tune", "--data", str(data), "--storage", storage,
-            "--study-name", "s", "--epochs-low", "1", "--epochs-high", "3", "--test-best", "false", *extra]
-
+from tests.study_helpers import (SMALL_SPACE, assert_one_finished_run_per_trial, load, running_with_run, trial_runs,
+                                 tune_command, wait_for_trials)
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration errors: caught before any study or run exists
@@ -216,19 +180,10 @@ def test_diverging_trials_fail_and_the_study_goes_on(real_slice, mlflow_store, t
     assert_one_finished_run_per_trial(study)
 
 
-def wait_for_running_trial(storage: str, number: int, timeout: float = 120) -> None:
-    """Poll the study until trial ``number`` is running and has its MLflow run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            trials = load(storage).trials
-        except KeyError:  # the study is not created yet
-            trials = []
-        if len(trials) > number and trials[number].state == TrialState.RUNNING \
-                and RUN_ID_ATTR in trials[number].user_attrs:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"trial {number} did not start within {timeout} s")
+def wait_for_running_trial(storage: str, number: int) -> None:
+    """Wait until trial ``number`` is running and has its MLflow run."""
+    wait_for_trials(storage, lambda trials: len(trials) > number and running_with_run(trials[number]),
+                    f"trial {number} did not start", timeout=120)
 
 
 @pytest.mark.slow

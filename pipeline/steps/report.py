@@ -26,11 +26,12 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
-from pipeline.names import REPORT_FOLDER, ROLE_TAG, TRIAL_STATE_TAG
+from pipeline.names import (LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_CURVES, REPORT_FOLDER, ROLE_TAG, SEEDS_CSV,
+                            TRIAL_STATE_TAG)
 from pipeline.support import comparisons, figures
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
-EVALUATION_STEP = 0  # evaluate_step logs without a step; the test curve's steps are the epochs 1..N
+EVALUATION_STEP = 0  # evaluate_on_test logs without a step; the test curve's steps are the epochs 1..N
 SKIPPED_ROLES = ("experiment", "report")  # parent runs of experiment files and earlier reports
 
 
@@ -164,13 +165,13 @@ def write_report(experiment_name: str, out_root: Path = Path("reports"),
     directory = Path(out_root) / experiment_name
     directory.mkdir(parents=True, exist_ok=True)
     markdown = markdown_report(experiment_name, table, common, points, notes)
-    (directory / "leaderboard.md").write_text(markdown)
-    table.to_csv(directory / "leaderboard.csv", index=False)
+    (directory / LEADERBOARD_MD).write_text(markdown)
+    table.to_csv(directory / LEADERBOARD_CSV, index=False)
     if points is not None:
-        points.drop(columns=["_runs"]).to_csv(directory / "seeds.csv", index=False)
+        points.drop(columns=["_runs"]).to_csv(directory / SEEDS_CSV, index=False)
     figure = figures.accuracy_curves(list(table["run"]), [run_curves[r] for r in table["run_id"]],
                                      f"{experiment_name}: accuracy per epoch")
-    figure.savefig(directory / "accuracy_curves.png", dpi=120, bbox_inches="tight")
+    figure.savefig(directory / REPORT_CURVES, dpi=120, bbox_inches="tight")
     with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={ROLE_TAG: "report"}) as run:
         mlflow.log_artifacts(str(directory), artifact_path=REPORT_FOLDER)
     return {"table": table, "points": points, "markdown": markdown, "directory": directory, "run_id": run.info.run_id}

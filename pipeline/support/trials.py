@@ -60,7 +60,7 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
     try:
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         result, model_info = train(train_cfg, splits, tensors=tensors, progress=False,
-                                         on_epoch=report_to(trial))
+                                   on_epoch=report_to(trial))
         trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
         trial.set_user_attr(BEST_EPOCH_ATTR, result.best_epoch)
         state, status = TrialState.COMPLETE, "FINISHED"
