@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 # The data: found locally, else downloaded by torchvision, else (offline) Debian's package.
 data: $(STAMP)
 	@$(PY) -m pipeline locate-data || { \
-	  echo "Installing Debian's $$($(PY) -c 'from pipeline.data import DEBIAN_PACKAGE; print(DEBIAN_PACKAGE)')"; \
+	  echo "Installing Debian's $$($(PY) -c 'from pipeline.core.idx import DEBIAN_PACKAGE; print(DEBIAN_PACKAGE)')"; \
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist && \
 	  $(PY) -m pipeline locate-data; }
 
