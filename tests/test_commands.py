@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.config import TrainConfig
 from pipeline.core.metrics import predict_logits
+from pipeline.core.splits import array_digest
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.steps.train import train
 from pipeline.support.registry import promote_if_better
@@ -34,7 +35,7 @@ def test_make_serve_answers_from_a_fresh_shell(mlflow_store, real_slice, subproc
     splits = real_slice[0]
     with mlflow.start_run():
         result, info = train(TrainConfig(epochs=2), splits, progress=False)
-    promote_if_better(info.model_uri, result.best_val_accuracy)
+    promote_if_better(info.model_uri, result.best_val_accuracy, array_digest(splits.val_x, splits.val_y))
     env = {**subprocess_env, "PATH": FRESH_SHELL_PATH}
     port = free_port()
     server = make("serve", env, SERVE_PORT=port)

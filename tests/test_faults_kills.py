@@ -141,7 +141,9 @@ def test_a_trial_of_a_worker_on_another_host_is_failed_by_its_missing_heartbeat(
                                                '{"host": "elsewhere", "pid": 1, "started": 0}')
     time.sleep(3)  # two missed heartbeats of 1 s
 
-    rerun = subprocess.run(tune(data, storage), env=subprocess_env, capture_output=True, text=True, timeout=300)
+    # the study's workers share one heartbeat interval: a trial is stale after two of them
+    rerun = subprocess.run(tune(data, storage) + ["--heartbeat-interval", "1"], env=subprocess_env,
+                           capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     study = load(storage)
     assert study.trials[trial.number].state == TrialState.FAIL

@@ -38,6 +38,7 @@ from pipeline.support import tracking
 from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_sampler, suggest_params
+from pipeline.support.signals import interrupts_at_safe_points
 from pipeline.support.trials import counts_toward_total
 
 
@@ -130,6 +131,7 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     running: list[Running] = []
 
     def on_epoch(i: int, metrics: dict) -> None:  # what pipeline.support.trials.report_to does, per trial
+        interrupted()  # between epochs, before this trial's writes: the store is never cut mid-write
         member = running_by_index[i]
         tracking.log_epoch(metrics, run_id=member.run_id)
         member.trial.report(metrics["val_accuracy"], step=metrics["epoch"])
@@ -146,6 +148,7 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         running.remove(member)
 
     def refill() -> TrainConfig | None:  # a new trial takes the finished one's place in the stack
+        interrupted()
         recover_dead_trials(study)
         if is_full(study, cfg):
             return None
@@ -153,31 +156,32 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         running_by_index.append(running[-1])
         return running[-1].cfg
 
-    try:
-        for _ in range(cfg.side_by_side):
-            if is_full(study, cfg):
-                break
-            ask(study, cfg, space, parent, running)
-        if not running:
-            return False
-        running_by_index = list(running)
-        fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end, refill=refill)
-        return True
-    except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
-        reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
-        for member in running:
-            member.trial.set_user_attr(INTERRUPTED_ATTR, reason)
-            end_run(member, TrialState.FAIL, "KILLED", reason)
-            tell(study, member, TrialState.FAIL)
-        raise
-    except Exception as e:  # a bug or a lost store: fail what runs (no result, so not counted), then stop
-        for member in running:
-            end_run(member, TrialState.FAIL, "FAILED", f"{type(e).__name__}: {e}")
-            tell(study, member, TrialState.FAIL)
-        raise
-    finally:  # if telling failed too: a heartbeat thread left running would keep the process alive
-        for member in running:
-            member.heartbeat.join()  # (joining twice is harmless)
+    with interrupts_at_safe_points() as interrupted:
+        try:
+            for _ in range(cfg.side_by_side):
+                if is_full(study, cfg):
+                    break
+                ask(study, cfg, space, parent, running)
+            if not running:
+                return False
+            running_by_index = list(running)
+            fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end, refill=refill)
+            return True
+        except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
+            reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
+            for member in running:
+                member.trial.set_user_attr(INTERRUPTED_ATTR, reason)
+                end_run(member, TrialState.FAIL, "KILLED", reason)
+                tell(study, member, TrialState.FAIL)
+            raise
+        except Exception as e:  # a bug or a lost store: fail what runs (no result, so not counted), then stop
+            for member in running:
+                end_run(member, TrialState.FAIL, "FAILED", f"{type(e).__name__}: {e}")
+                tell(study, member, TrialState.FAIL)
+            raise
+        finally:  # if telling failed too: a heartbeat thread left running would keep the process alive
+            for member in running:
+                member.heartbeat.join()  # (joining twice is harmless)
 
 
 def is_full(study: optuna.Study, cfg: TuneConfig) -> bool:

@@ -33,3 +33,38 @@ def interrupts_raise_keyboard_interrupt():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def interrupts_at_safe_points():
+    """Note Ctrl-C and SIGTERM instead of raising at once; yields ``check()``, which raises
+    KeyboardInterrupt once one has arrived: call it where no store write is under way.
+
+    Trials side by side write to the tracking store several times per epoch; an interrupt raised in the
+    middle of such a write can leave its sqlite transaction open, and then the clean-up that ends the
+    trials' runs finds the database locked.
+    """
+    try:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield lambda: None
+        return
+    arrived = []
+
+    def note(signum, frame):
+        arrived.append(signal.Signals(signum).name)
+        for s in previous:  # further signals are ignored while the interrupted trials close
+            signal.signal(s, signal.SIG_IGN)
+
+    def check() -> None:
+        if arrived:
+            raise KeyboardInterrupt(arrived[0])
+
+    for s in previous:
+        signal.signal(s, note)
+    try:
+        yield check
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    check()  # one that came after the last safe point still stops the command
