@@ -42,6 +42,21 @@ def report_to(trial: optuna.Trial):
     return on_epoch
 
 
+class SurplusTrial(Exception):
+    """Two workers that counted at the same moment both started a trial: the later-numbered one gives way."""
+
+
+def refuse_surplus(trial: optuna.Trial, cfg: TuneConfig) -> None:
+    """Optuna cannot create a trial only if the study is not yet full; so a new trial checks that the
+    trials numbered before it do not already fill the study, and otherwise fails at once, untrained and
+    without a run (a failed trial without a result does not count: the study keeps ``cfg.trials``)."""
+    earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+    if sum(map(counts_toward_total, earlier)) >= cfg.trials:
+        reason = f"not needed: the study already holds {cfg.trials} trials"
+        trial.set_user_attr(INTERRUPTED_ATTR, reason)
+        raise SurplusTrial(f"trial {trial.number} {reason}")
+
+
 def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: Splits, tensors: Tensors,
               parent: mlflow.entities.RunInfo) -> float:
     """Train with the trial's parameters in a nested MLflow run; return the best val accuracy.
@@ -50,6 +65,7 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
     KILLED when interrupted; its tag ``pipeline.trial_state`` holds Optuna's state.
     """
     trial.set_user_attr(OWNER_ATTR, this_process())  # first: if this process dies, a later run can tell
+    refuse_surplus(trial, cfg)
     params = suggest_params(trial, space)
     train_cfg = TrainConfig(**params, batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed)
     run = mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=parent.experiment_id,
@@ -86,9 +102,8 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
     """Take trials until the study holds ``cfg.trials``; any number of these may run at once.
 
     Trials still running in other workers or on other machines hold their place, so the workers
-    together stop at the total. (Optuna cannot create a trial only if the study is not yet full, so
-    two workers that check within the same few milliseconds could both start one and overshoot by
-    one; with trials lasting seconds this is rare.) Each trial gets a fresh sampler seeded with the seed plus the number
+    together stop at the total (two workers that check within the same few milliseconds may both start
+    one: the surplus one gives way at once, ``refuse_surplus``). Each trial gets a fresh sampler seeded with the seed plus the number
     of trials so far: one worker gives the same study for the same seed, while workers elsewhere,
     which would otherwise draw the same random points from the same seed, draw different ones.
     """
@@ -110,7 +125,7 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
             continue  # they ended: count again, a place may be free
         study.sampler = make_sampler(cfg.sampler, cfg.seed + len(trials))
         study.optimize(lambda trial: run_trial(trial, cfg, space, splits, tensors, parent),
-                       n_trials=1, catch=(DivergedError,))
+                       n_trials=1, catch=(DivergedError, SurplusTrial))
 
 
 def wait_for_running_trials(study: optuna.Study, poll_seconds: float = 1.0) -> bool:
