@@ -30,6 +30,7 @@ from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.support import tracking
 from pipeline.support.optuna_storage import open_storage, printable_url
+from pipeline.support.params import log_new_params
 
 
 def load_best_trial(cfg: ConvexConfig, missing_ok: bool = False) -> optuna.trial.FrozenTrial | None:
@@ -69,7 +70,7 @@ def run_convex_optimum(cfg: ConvexConfig, splits: Splits, tensors: Tensors | Non
     cfg.validate()
     best_trial = load_best_trial(cfg, missing_study_ok)  # a missing study fails before minutes of L-BFGS
     tensors = tensors or Tensors.from_splits(splits)
-    tracking.log_new_params({**asdict(cfg), "weight_decays": ",".join(f"{w:g}" for w in cfg.weight_decays)})
+    log_new_params({**asdict(cfg), "weight_decays": ",".join(f"{w:g}" for w in cfg.weight_decays)})
     x, y = tensors.train
     optima = convex.solve_path(x.double(), y, cfg.weight_decays, cfg.max_iter, cfg.tolerance)
     table = optimum_table(optima, tensors)

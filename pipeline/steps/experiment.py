@@ -29,6 +29,7 @@ from pipeline.steps.train import train
 from pipeline.support import tracking
 from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, split_study
 from pipeline.support.experiments import mark_as_training
+from pipeline.support.params import log_new_params
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     with mlflow.start_run(experiment_id=exp_id, run_name=Path(spec.path).stem, description=spec.description,
                           tags={ROLE_TAG: "experiment", FILE_TAG: spec.path, SMOKE_TAG: caps.active}) as parent:
         mlflow.log_artifact(spec.path)
-        tracking.log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point,
+        log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point,
                                  "runs": runs_of(spec), **{f"cap_{k}": v for k, v in
                                                                  dataclasses.asdict(caps).items()}})
         if spec.entry_point == "tune":
@@ -122,7 +123,7 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
         try:
             with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=tags) as run:
                 run_ids.append(run.info.run_id)
-                tracking.log_new_params(dataclasses.asdict(data_cfg))
+                log_new_params(dataclasses.asdict(data_cfg))
                 tracking.log_datasets(splits, source)
                 if spec.entry_point == "convex_optimum":
                     run_convex(spec, point, caps, splits, tensors)

@@ -15,13 +15,14 @@ from pipeline.core.idx import locate_raw_files
 from pipeline.core.splits import SPLITS, Splits, prepare_splits
 from pipeline.names import CACHE_KEY_TAG, CACHE_REUSED_TAG, CLASS_COUNTS, PREPARED_ARTIFACT, SAMPLES_FIGURE
 from pipeline.support import figures, tracking
+from pipeline.support.params import log_new_params
 
 
 def prepare(cfg: DataConfig) -> Splits:
     """Prepare the splits (or reuse an identical earlier preparation) and log them to the active run."""
     splits, path, info = prepare_splits(cfg)
-    tracking.log_new_params(asdict(cfg))
-    tracking.log_new_params({"source": info["source"], **{f"{s}_size": len(splits.arrays(s)[1]) for s in SPLITS}})
+    log_new_params(asdict(cfg))
+    log_new_params({"source": info["source"], **{f"{s}_size": len(splits.arrays(s)[1]) for s in SPLITS}})
     mlflow.set_tags({CACHE_KEY_TAG: info["cache_key"], CACHE_REUSED_TAG: info["reused"]})
     mlflow.log_artifact(str(path), artifact_path=PREPARED_ARTIFACT)
     tracking.log_datasets(splits, info["source"])

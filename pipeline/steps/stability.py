@@ -15,13 +15,14 @@ from pipeline.core.stability import scale_sweep, summarize, train_side_by_side, 
 from pipeline.core.training import Tensors
 from pipeline.names import STABILITY_TABLES
 from pipeline.support import figures, tracking
+from pipeline.support.params import log_new_params
 
 
 def run_stability(cfg: StabilityConfig, splits: Splits, tensors: Tensors | None = None) -> dict:
     """Measure both lessons and log them to the active run; returns the summary metrics and both tables."""
     cfg.validate()
     tensors = tensors or Tensors.from_splits(splits)
-    tracking.log_new_params({**asdict(cfg), "scales": ",".join(f"{s:g}" for s in cfg.scales)})
+    log_new_params({**asdict(cfg), "scales": ",".join(f"{s:g}" for s in cfg.scales)})
     labels = tensors.val[1][: cfg.images]
     sweep = scale_sweep(trained_logits(tensors, cfg), labels, cfg.scales)
     race = train_side_by_side(*tensors.train, cfg)

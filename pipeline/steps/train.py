@@ -18,6 +18,7 @@ from pipeline.core.splits import Splits, array_digest
 from pipeline.core.training import DivergedError, FitResult, Tensors, fit
 from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
 from pipeline.support import figures, tracking
+from pipeline.support.params import log_new_params
 
 
 def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
@@ -53,7 +54,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
 
 def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
     """Before training, on the active run: the settings, and the data it learns from and chooses by."""
-    tracking.log_new_params(asdict(cfg))
+    log_new_params(asdict(cfg))
     # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
     mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
     tracking.log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
@@ -80,7 +81,7 @@ def train_command(data, **options):
     """Train the softmax regression and log curves and the model."""
     cfg = make_config(TrainConfig, options)
     with mlflow.start_run(run_name="train") as run:
-        tracking.log_new_params({"data": data})
+        log_new_params({"data": data})
         splits = tracking.load_data(data)
         result, model_info = train(cfg, splits)
     click.echo(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "

@@ -27,6 +27,7 @@ from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.support import owners, tracking
 from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.optuna_storage import open_storage, open_study, printable_url
+from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
 from pipeline.support.study_record import describe, log_figures, log_trials_table, record_best
 from pipeline.support.workers import interrupts_raise_keyboard_interrupt, run_workers
@@ -55,7 +56,7 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
     with own_run, interrupts_raise_keyboard_interrupt():
         parent = mlflow.active_run().info
         owners.claim_active_run()  # if this process is killed, the next command ends this run
-        tracking.log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),
+        log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),
                                  **asdict(space), "data": data_uri})
         mlflow.set_tag(STUDY_TAG, tune_cfg.study_name)
         splits = tracking.load_data(data_uri)

@@ -16,7 +16,7 @@ and its MLflow run ends KILLED.
 """
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import mlflow
 import optuna
@@ -39,7 +39,7 @@ from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_sampler, suggest_params
 from pipeline.support.signals import interrupts_at_safe_points
-from pipeline.support.trials import counts_toward_total
+from pipeline.support.trials import PrunerReport, SurplusTrial, counts_toward_total, refuse_surplus
 
 
 @dataclass
@@ -50,11 +50,12 @@ class Running:
     heartbeat: BaseHeartbeatThread
     cfg: TrainConfig | None = None
     run_id: str | None = None
-    best: dict = field(default_factory=lambda: {"best_val_accuracy": -1.0, "best_epoch": 0})  # so far
+    report: PrunerReport | None = None  # its epochs to the pruner
 
 
-def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, running: list) -> None:
-    """Ask one trial (a queued one first, e.g. the seed recipe), start its heartbeat and its MLflow run."""
+def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, running: list) -> Running | None:
+    """Ask one trial (a queued one first, e.g. the seed recipe), start its heartbeat and its MLflow run;
+    None if another worker, asking at the same moment, filled the study (``refuse_surplus``)."""
     # a fresh sampler per trial, seeded as pipeline.support.trials does: one worker gives the same study
     # for the same seed, workers elsewhere draw different points
     study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.get_trials(deepcopy=False)))
@@ -62,6 +63,11 @@ def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, runnin
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         trial = study.ask()
     trial.set_user_attr(OWNER_ATTR, this_process())  # first: if this process dies, a later run can tell
+    try:
+        refuse_surplus(trial, cfg)
+    except SurplusTrial:  # it gives way untrained, without a run, as one at a time does
+        study.tell(trial, state=TrialState.FAIL)
+        return None
     member = Running(trial, get_heartbeat_thread(trial._trial_id, study._storage))
     member.heartbeat.start()
     running.append(member)  # from here on, the clean-up tells it and stops its heartbeat
@@ -75,7 +81,9 @@ def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, runnin
                                         SIDE_BY_SIDE_TAG: str(cfg.side_by_side), OWNER_TAG: this_process()})
     member.run_id = MlflowClient().create_run(parent.experiment_id, tags=tags, run_name=name).info.run_id
     trial.set_user_attr(RUN_ID_ATTR, member.run_id)
+    member.report = PrunerReport(trial, member.run_id)
     mlflow.log_params(asdict(member.cfg), run_id=member.run_id)
+    return member
 
 
 def tell(study: optuna.Study, member: Running, state: TrialState, value: float | None = None) -> None:
@@ -130,17 +138,11 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     """
     running: list[Running] = []
 
-    def on_epoch(i: int, metrics: dict) -> None:  # what pipeline.support.trials.report_to does, per trial
+    def on_epoch(i: int, metrics: dict) -> None:  # what steps.train and a trial one at a time do, per trial
         interrupted()  # between epochs, before this trial's writes: the store is never cut mid-write
         member = running_by_index[i]
         tracking.log_epoch(metrics, run_id=member.run_id)
-        member.trial.report(metrics["val_accuracy"], step=metrics["epoch"])
-        if metrics["val_accuracy"] > member.best["best_val_accuracy"]:
-            member.best.update(best_val_accuracy=metrics["val_accuracy"], best_epoch=metrics["epoch"])
-        if member.trial.should_prune():
-            mlflow.log_metrics({**member.best, "pruned_at_epoch": metrics["epoch"], "epochs_run": metrics["epoch"]},
-                               run_id=member.run_id)  # where it got to, as a trial run one at a time logs
-            raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: val accuracy {metrics['val_accuracy']:.4f}")
+        member.report(metrics)
 
     def on_end(i: int, outcome) -> None:
         member = running_by_index[i]
@@ -150,18 +152,17 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     def refill() -> TrainConfig | None:  # a new trial takes the finished one's place in the stack
         interrupted()
         recover_dead_trials(study)
-        if is_full(study, cfg):
+        member = None if is_full(study, cfg) else ask(study, cfg, space, parent, running)
+        if member is None:
             return None
-        ask(study, cfg, space, parent, running)
-        running_by_index.append(running[-1])
-        return running[-1].cfg
+        running_by_index.append(member)
+        return member.cfg
 
     with interrupts_at_safe_points() as interrupted:
         try:
             for _ in range(cfg.side_by_side):
-                if is_full(study, cfg):
+                if is_full(study, cfg) or ask(study, cfg, space, parent, running) is None:
                     break
-                ask(study, cfg, space, parent, running)
             if not running:
                 return False
             running_by_index = list(running)

@@ -25,7 +25,6 @@ from pipeline.config import IMAGE_SIZE, NUM_CLASSES, DataConfig
 from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits, to_tensor
 from pipeline.errors import PipelineError
 from pipeline.names import DATASET_CONTEXTS, MODEL_ARTIFACT
-from pipeline.support.params import log_new_params  # noqa: F401 (the steps call it as tracking.log_new_params)
 from pipeline.support.safe_models import load_own_model
 
 

@@ -23,23 +23,28 @@ from pipeline.support.owners import this_process
 from pipeline.support.search import make_pruner, make_sampler, suggest_params
 
 
-def report_to(trial: optuna.Trial):
-    """An ``on_epoch`` callback for steps.train: report val accuracy to the pruner, stop if it says so."""
+class PrunerReport:
+    """An ``on_epoch`` callback: report val accuracy to the trial's pruner, stop the trial if it says so.
 
-    best = {"best_val_accuracy": -1.0, "best_epoch": 0}
+    One per trial, whether trained one at a time (through ``steps.train``, logging to the active run)
+    or side by side (``pipeline.support.batched_trials``, logging to the trial's ``run_id``).
+    """
 
-    def on_epoch(metrics: dict) -> None:
-        trial.report(metrics["val_accuracy"], step=metrics["epoch"])
-        if metrics["val_accuracy"] > best["best_val_accuracy"]:
-            best.update(best_val_accuracy=metrics["val_accuracy"], best_epoch=metrics["epoch"])
-        if trial.should_prune():
+    def __init__(self, trial: optuna.Trial, run_id: str | None = None):
+        self.trial, self.run_id = trial, run_id
+        self.best = {"best_val_accuracy": -1.0, "best_epoch": 0}  # so far
+
+    def __call__(self, metrics: dict) -> None:
+        self.trial.report(metrics["val_accuracy"], step=metrics["epoch"])
+        if metrics["val_accuracy"] > self.best["best_val_accuracy"]:
+            self.best.update(best_val_accuracy=metrics["val_accuracy"], best_epoch=metrics["epoch"])
+        if self.trial.should_prune():
             # what the trial reached before it was stopped: without it MLflow's compare view would
             # draw the pruned run without a best_val_accuracy, at the top of that axis
-            mlflow.log_metrics({**best, "pruned_at_epoch": metrics["epoch"], "epochs_run": metrics["epoch"]})
+            mlflow.log_metrics({**self.best, "pruned_at_epoch": metrics["epoch"], "epochs_run": metrics["epoch"]},
+                               run_id=self.run_id)
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: "
                                      f"val accuracy {metrics['val_accuracy']:.4f}")
-
-    return on_epoch
 
 
 class SurplusTrial(Exception):
@@ -76,7 +81,7 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
     try:
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
         result, model_info = train(train_cfg, splits, tensors=tensors, progress=False,
-                                   on_epoch=report_to(trial))
+                                   on_epoch=PrunerReport(trial))
         trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
         trial.set_user_attr(BEST_EPOCH_ATTR, result.best_epoch)
         state, status = TrialState.COMPLETE, "FINISHED"
