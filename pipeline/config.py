@@ -81,6 +81,8 @@ class TrainConfig:
     patience: int = setting(5, "Stop after this many epochs without a better val accuracy; 0 = never.", minimum=0,
                             why="0 disables early stopping")
     seed: int = setting(0, "Seeds the initial weights and the batch order.")
+    shuffle_offset: int = setting(0, "Start at this epoch of the seed's batch orders (a trial that joined a "
+                                  "side-by-side stack late; 0 = from the first).", minimum=0)
     log_test_curve: bool = setting(False, "Also log test accuracy each epoch (the book's plot; never used to choose).")
     input_dropout: float = setting(0.0, "Fraction of input pixels dropped while training (overfitting remedy).",
                                    minimum=0, below=1)
@@ -190,7 +192,8 @@ class MainConfig:
 # decay and its trials use tune's patience; with trials = 0 no study runs. MLproject's main does not
 # declare them, so `mlflow run` logs one only when it is given (-P), and main refuses one given in the
 # mode where it would not act (pipeline.steps.main.refuse_idle_settings) instead of ignoring it.
-MAIN_TRAIN_ONLY = ("lr", "epochs", "weight_decay", "patience", "log_test_curve", "input_dropout", "augment")
+MAIN_TRAIN_ONLY = ("lr", "epochs", "weight_decay", "patience", "shuffle_offset", "log_test_curve", "input_dropout",
+                   "augment")
 MAIN_STUDY_ONLY = ("storage", "study_name")
 
 

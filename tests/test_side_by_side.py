@@ -9,6 +9,7 @@ real sqlite MLflow stores and Optuna storages, real processes, a real SIGINT and
 import signal
 import subprocess
 import sys
+from dataclasses import fields
 
 import mlflow
 import pytest
@@ -91,25 +92,36 @@ def test_a_diverging_model_fails_alone(tensors):
 
 
 def test_a_newcomer_takes_a_finished_models_place_and_trains_as_it_would_alone(tensors):
-    """``refill``: when a model stops, a new one joins at the next epoch with its own batch order."""
-    newcomers = [TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, seed=5)]
+    """``refill``: when a model stops, a new one joins at the next epoch, where the batch orders are;
+    trained alone with the ``shuffle_offset`` it records, it gives the same result."""
     joined_at = []
 
-    def refill():
-        joined_at.append(len(ends))
-        return newcomers.pop() if newcomers else None
+    def refill(epochs_drawn):
+        joined_at.append(epochs_drawn)
+        if len(joined_at) > 1:
+            return None
+        return TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, shuffle_offset=epochs_drawn)
 
     ends = []
     outcomes = fit_side_by_side(CONFIGS, tensors, on_end=lambda i, outcome: ends.append(i), refill=refill)
-    assert ends == [2, 0, 1, 3] and joined_at[0] == 1  # it joined after the 2-epoch model ended, at epoch 3
+    assert ends == [2, 0, 1, 3] and joined_at[0] == 2  # it joined after the 2-epoch model ended, at epoch 3
     assert len(outcomes) == 4
     for cfg, outcome in zip(CONFIGS, outcomes):
         assert_same_training(outcome, fit(build_model(cfg.seed), tensors, cfg))
-    seed5 = TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, seed=5)
-    assert_same_training(outcomes[3], fit(build_model(5), tensors, seed5))
+    late = TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, shuffle_offset=2)
+    assert_same_training(outcomes[3], fit(build_model(0), tensors, late))
+    # the offset acts: from the first orders the same model ends elsewhere
+    from_start = fit(build_model(0), tensors, TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0))
+    assert from_start.history[0]["train_loss"] != pytest.approx(outcomes[3].history[0]["train_loss"], rel=1e-3)
 
 
-@pytest.mark.parametrize("other, message", [(TrainConfig(batch_size=64), "one batch size"),
+def test_a_newcomer_that_does_not_record_where_it_joins_is_refused(tensors):
+    with pytest.raises(ValueError, match="must have shuffle_offset 2, got 0"):
+        fit_side_by_side(CONFIGS, tensors, refill=lambda epochs_drawn: TrainConfig(epochs=1))
+
+
+@pytest.mark.parametrize("other, message", [(TrainConfig(batch_size=64), "one batch size and one seed"),
+                                            (TrainConfig(seed=1), "one batch size and one seed"),
                                             (TrainConfig(augment=True), "neither input_dropout nor augment")])
 def test_models_that_cannot_share_batches_are_refused(other, message):
     with pytest.raises(ValueError, match=message):
@@ -122,8 +134,10 @@ def test_models_that_cannot_share_batches_are_refused(other, message):
 
 @pytest.mark.slow
 def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, mlflow_store, tmp_path):
-    """Same seed: the same trials with the same results, each with its own complete MLflow run."""
-    _, data = real_slice
+    """Same seed: the same trials with the same results, each with its own complete MLflow run. A trial
+    that joined the stack late records where in the batch orders it started; trained alone from there,
+    it gives its recorded result."""
+    splits, data = real_slice
     cfg = TuneConfig(trials=5, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="one", pruner="none",
                      test_best=False, side_by_side=1)
     alone = run_study(cfg, SMALL_SPACE, str(data))
@@ -132,21 +146,35 @@ def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, mlflow_
 
     assert [t.state for t in together.trials] == [TrialState.COMPLETE] * 5
     assert [t.params for t in together.trials] == [t.params for t in alone.trials]
-    assert [t.value for t in together.trials] == pytest.approx([t.value for t in alone.trials], abs=2e-3)
+    assert [t.value for t in together.trials[:3]] == pytest.approx([t.value for t in alone.trials[:3]], abs=2e-3)
     assert_one_finished_run_per_trial(together)
     client = mlflow.MlflowClient()
+    offsets = []
     for ours, theirs in zip(together.trials, alone.trials):
         run, reference = (mlflow.get_run(t.user_attrs[RUN_ID_ATTR]) for t in (ours, theirs))
-        assert run.info.status == "FINISHED" and run.data.params == reference.data.params
+        offsets.append(int(run.data.params["shuffle_offset"]))
+        assert run.info.status == "FINISHED" and {**run.data.params, "shuffle_offset": "0"} == reference.data.params
         assert run.data.metrics.keys() == reference.data.metrics.keys()  # per-epoch, best_epoch, epochs_run...
+        assert ours.user_attrs[MODEL_URI_ATTR].startswith("models:/")
+        assert {a.path for a in client.list_artifacts(run.info.run_id)} == \
+               {a.path for a in client.list_artifacts(reference.info.run_id)}
+        if offsets[-1]:  # joined late: its recorded settings, trained alone, give its result
+            cfg_used = config_from_params(run.data.params)
+            assert fit(build_model(0), Tensors.from_splits(splits), cfg_used).best_val_accuracy == \
+                pytest.approx(ours.value, abs=2e-3)
+            continue
         assert run.data.metrics["best_epoch"] == reference.data.metrics["best_epoch"]
         curve = [m.value for m in client.get_metric_history(run.info.run_id, "val_loss")]
         assert curve == pytest.approx([m.value for m in client.get_metric_history(reference.info.run_id, "val_loss")],
                                       rel=1e-3)
-        assert ours.user_attrs[MODEL_URI_ATTR].startswith("models:/")
-        assert {a.path for a in client.list_artifacts(run.info.run_id)} == \
-               {a.path for a in client.list_artifacts(reference.info.run_id)}
     assert all(mlflow.get_run(t.user_attrs[RUN_ID_ATTR]).data.tags[SIDE_BY_SIDE_TAG] == "3" for t in together.trials)
+    assert offsets[:3] == [0, 0, 0] and all(offsets[3:])  # trials 3 and 4 took finished trials' places
+
+
+def config_from_params(params: dict) -> TrainConfig:
+    """The TrainConfig a run logged (MLflow keeps params as strings)."""
+    return TrainConfig(**{f.name: params[f.name] == "True" if f.type is bool else f.type(params[f.name])
+                          for f in fields(TrainConfig)})
 
 
 @pytest.mark.slow

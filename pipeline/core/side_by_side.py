@@ -1,20 +1,23 @@
 """Several softmax regressions trained side by side: K trials as one stacked layer, one step for all.
 
 A softmax regression is one 784x10 matrix, so a step on a batch of 256 costs almost nothing but fixed
-overhead (some twenty small ops, autograd, the optimiser). K models stepping together cost little more
-than one: stack their weights into one (K, 10, 784) tensor, gather each model's batch into one
-(K, 256, 784) block, compute all logits with one batched matrix product, and give each model its own
-mean cross-entropy. The loss summed over the models has, for each model's weights, exactly that model's
+overhead (some twenty small ops, autograd, the optimiser). K models stepping together on the same batch
+cost little more than one: stack their weights into one (K, 10, 784) tensor, gather the batch once,
+compute all K models' logits with one matrix product (784 x 10K), and give each model its own mean
+cross-entropy. The loss summed over the models has, for each model's weights, exactly that model's
 gradient (the models share no parameter), and the SGD step applies each model's own learning rate and
-weight decay to its own block. Each model keeps its own initial weights and its own batch order (seeded as
-``fit`` seeds them), so each ends exactly where ``pipeline.core.training.fit`` would take it alone, up to
-float rounding: tests/test_side_by_side.py checks this against ``fit``.
+weight decay to its own block.
+
+All models see the same batches: one seed's stream of shuffled orders, one order per epoch, drawn as
+``pipeline.core.training.fit`` draws them. The models that start together start at its first order, so
+each ends exactly where ``fit`` would take it alone, up to float rounding (tests/test_side_by_side.py
+checks this against ``fit``). A model that joins later (``refill``) starts where the stream is, and its
+config says so (``TrainConfig.shuffle_offset``): ``fit`` with that config reproduces it alone too.
 
 Each model keeps ``fit``'s rules on its own: its own number of epochs, its own early stopping, its own
 best epoch; a model whose loss becomes NaN fails alone (``DivergedError``), and ``on_epoch`` may raise to
 stop one model (Optuna's pruner) while the others go on. A model that stops leaves the stack, and a new
-one may take its place at the next epoch (``refill``): all models have the same number of batches per
-epoch, so a newcomer's epochs line up with the others'.
+one may take its place at the next epoch.
 """
 
 import math
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 
 from pipeline.config import NUM_CLASSES, TrainConfig
 from pipeline.core.model import build_model
-from pipeline.core.training import DivergedError, FitResult, Tensors
+from pipeline.core.training import DivergedError, FitResult, Tensors, batch_orders
 
 # on_epoch(index, metrics) sees each model's epoch and may raise (an Exception) to stop that model;
 # on_end(index, outcome) receives a finished model's FitResult, or the exception that stopped it.
@@ -36,35 +39,38 @@ OnEnd = Callable[[int, "FitResult | Exception"], None]
 
 @dataclass
 class Member:
-    """One model of the stack: its settings, its own batch order, its progress and its best weights."""
+    """One model of the stack: its settings, its progress and its best weights."""
 
     index: int  # order of joining: the position of its outcome
     cfg: TrainConfig
     result: FitResult
     weight: torch.Tensor  # its current weights (10, 784) and bias (10,)
     bias: torch.Tensor
-    generator: torch.Generator  # its batch order, seeded as fit seeds it
     epoch: int = 0
     best_state: dict = field(default_factory=dict)
 
 
-def check_compatible(cfgs: list[TrainConfig], batch_size: int) -> None:
-    """Models step together, batch for batch, so they must share the batch size; the rest may differ."""
+def check_compatible(cfgs: list[TrainConfig], first: TrainConfig, epochs_drawn: int = 0) -> None:
+    """Models step together on the same batches, so they share the batch size and the seed of the batch
+    orders, and a model joining after ``epochs_drawn`` orders must say it starts there; the rest may differ."""
     for cfg in cfgs:
         cfg.validate()
-    sizes = {cfg.batch_size for cfg in cfgs} | {batch_size}
-    if len(sizes) > 1:
-        raise ValueError(f"side-by-side training needs one batch size for all models, got {sorted(sizes)}")
-    if any(cfg.input_dropout or cfg.augment for cfg in cfgs):
-        # both draw random numbers per batch and model, which a shared stack cannot reproduce
-        raise ValueError("side-by-side training supports neither input_dropout nor augment")
+        if (cfg.batch_size, cfg.seed) != (first.batch_size, first.seed):
+            raise ValueError(f"side-by-side training needs one batch size and one seed for all models, got batch "
+                             f"size {cfg.batch_size} and seed {cfg.seed} beside {first.batch_size} and {first.seed}")
+        if cfg.shuffle_offset != epochs_drawn:
+            raise ValueError(f"a model joining after {epochs_drawn} epochs' batch orders must have shuffle_offset "
+                             f"{epochs_drawn}, got {cfg.shuffle_offset}")
+        if cfg.input_dropout or cfg.augment:
+            # both draw random numbers per batch and model, which a shared stack cannot reproduce
+            raise ValueError("side-by-side training supports neither input_dropout nor augment")
 
 
 def join(index: int, cfg: TrainConfig) -> Member:
-    """A new member, with the initial weights and batch order it would have alone."""
+    """A new member, with the initial weights it would have alone."""
     linear = build_model(cfg.seed)[1]
     return Member(index, cfg, FitResult(model=None, best_val_accuracy=-1.0), linear.weight.detach(),
-                  linear.bias.detach(), torch.Generator().manual_seed(cfg.seed))
+                  linear.bias.detach())
 
 
 def stack(members: list[Member]):
@@ -88,29 +94,23 @@ def losses_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(n * k, c), y.repeat_interleave(k), reduction="none").view(n, k).mean(0)
 
 
-def train_epoch(w, b, lr, wd, x, y, batch_size: int, generators) -> tuple[list[float], list[int]]:
-    """One pass over the training split for each model, each in its own shuffled order, all stepping
-    together (same number of batches); per model, the summed loss and the correct count.
-
-    Models that joined at different times are at different epochs and so see different batches: each
-    model's batch is gathered into a (K, B, 784) block and multiplied by its own weights in one ``baddbmm``.
-    """
+def train_epoch(w, b, lr, wd, x, y, batch_size: int, order: torch.Tensor) -> tuple[list[float], list[int]]:
+    """One pass over the training split in ``order`` for all K models at once; per model, the summed loss
+    and the correct count."""
     k, flat = w.shape[0], x.flatten(1)
     total_loss = torch.zeros(k)
     correct = torch.zeros(k, dtype=torch.long)
-    orders = torch.stack([torch.randperm(len(x), generator=g) for g in generators])  # (K, N)
-    for idx in orders.split(batch_size, dim=1):  # (K, B): batch j of each model's own order
-        xb = flat.index_select(0, idx.reshape(-1)).view(k, idx.shape[1], -1)
-        yb = y.index_select(0, idx.reshape(-1))
-        logits = torch.baddbmm(b.unsqueeze(1), xb, w.transpose(1, 2))  # (K, B, 10)
-        losses = F.cross_entropy(logits.reshape(-1, NUM_CLASSES), yb, reduction="none").view(k, -1).mean(1)
+    for idx in order.split(batch_size):
+        xb, yb = flat.index_select(0, idx), y.index_select(0, idx)  # one gather for all K models
+        logits = logits_of(w, b, xb)  # (B, K, 10)
+        losses = losses_of(logits, yb)
         w.grad = b.grad = None
         losses.sum().backward()  # the sum's gradient for model k's rows is model k's own gradient
         with torch.no_grad():  # SGD as torch.optim.SGD does it, lr and weight decay per model
             w.sub_(lr * (w.grad + wd * w))
             b.sub_(lr.view(-1, 1) * (b.grad + wd.view(-1, 1) * b))
-        total_loss += losses.detach() * idx.shape[1]
-        correct += (logits.argmax(dim=2) == yb.view(k, -1)).sum(1)
+        total_loss += losses.detach() * len(idx)
+        correct += (logits.argmax(dim=2) == yb[:, None]).sum(0)
     return total_loss.tolist(), correct.tolist()  # sums: divided by len(x) in Python, as fit does
 
 
@@ -166,26 +166,28 @@ def advance(member: Member, metrics: dict, w_k, b_k, on_epoch: OnEpoch | None) -
 
 
 def fit_side_by_side(cfgs: list[TrainConfig], data: Tensors, on_epoch: OnEpoch | None = None,
-                     on_end: OnEnd | None = None, refill: Callable[[], TrainConfig | None] | None = None,
+                     on_end: OnEnd | None = None, refill: Callable[[int], TrainConfig | None] | None = None,
                      ) -> list[FitResult | Exception]:
     """Train one model per config side by side; each model's outcome, in the order they joined.
 
     A model's outcome is its ``FitResult`` (as ``fit`` returns it), the ``DivergedError`` it failed with,
     or the exception its ``on_epoch`` raised. ``on_end`` sees each outcome as soon as that model stops,
-    while the others still train; then ``refill`` (if given) may return the config of a model to take
-    its place from the next epoch on (None: no more), so the stack stays full while models drop out.
-    KeyboardInterrupt is not an outcome: it stops them all.
+    while the others still train; then ``refill(epochs_drawn)`` (if given) may return the config of a
+    model to take its place from the next epoch on (None: no more), with ``shuffle_offset=epochs_drawn``,
+    so the stack stays full while models drop out. KeyboardInterrupt is not an outcome: it stops them all.
     """
-    check_compatible(cfgs, cfgs[0].batch_size)
+    check_compatible(cfgs, cfgs[0])
     torch.set_num_threads(1)  # as in fit: the small ops gain nothing from threads that wait for each other
     members = [join(i, cfg) for i, cfg in enumerate(cfgs)]
     outcomes: list = [None] * len(cfgs)
+    orders, epochs_drawn = batch_orders(cfgs[0], len(data.train[1])), 0
     while members:
         w, b, lr, wd = stack(members)
         for m in members:
             m.epoch += 1
-        train_loss, train_acc = train_epoch(w, b, lr, wd, *data.train, cfgs[0].batch_size,
-                                            [m.generator for m in members])
+        order = torch.randperm(len(data.train[1]), generator=orders)  # this epoch's, for every member
+        epochs_drawn += 1
+        train_loss, train_acc = train_epoch(w, b, lr, wd, *data.train, cfgs[0].batch_size, order)
         still = []
         for i, (member, metrics) in enumerate(zip(members, epoch_metrics(w, b, members, data, train_loss, train_acc))):
             member.weight, member.bias = w[i].detach(), b[i].detach()
@@ -196,9 +198,9 @@ def fit_side_by_side(cfgs: list[TrainConfig], data: Tensors, on_epoch: OnEpoch |
             outcomes[member.index] = outcome
             if on_end is not None:
                 on_end(member.index, outcome)
-            new = refill() if refill is not None else None
+            new = refill(epochs_drawn) if refill is not None else None
             if new is not None:
-                check_compatible([new], cfgs[0].batch_size)
+                check_compatible([new], cfgs[0], epochs_drawn)
                 still.append(join(len(outcomes), new))
                 outcomes.append(None)
         members = still  # the next epoch restacks the members still training and the newcomers

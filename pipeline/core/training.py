@@ -81,6 +81,18 @@ def batch_augmentation():
     return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomAffine(degrees=0, translate=(0.1, 0.1))])
 
 
+def batch_orders(cfg: TrainConfig, n: int) -> torch.Generator:
+    """The generator of each epoch's shuffled order, past the first ``cfg.shuffle_offset`` epochs' orders.
+
+    Trials trained side by side share one stream of orders (one gather for all); a trial that joins the
+    stack late starts further down it, and records where (``shuffle_offset``) so it can be reproduced alone.
+    """
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.shuffle_offset):
+        torch.randperm(n, generator=generator)  # as train_epoch draws each epoch's order
+    return generator
+
+
 def train_epoch(model, x, y, optimizer, cfg: TrainConfig, generator, augment=None) -> tuple[float, float]:
     """One pass over the shuffled training split; returns the running mean loss and accuracy."""
     model.train()
@@ -115,7 +127,7 @@ def fit(model: nn.Module, data: Tensors, cfg: TrainConfig,
     # on a busy machine (parallel Optuna workers, tests) they made training several times slower.
     torch.set_num_threads(1)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = batch_orders(cfg, len(data.train[1]))
     augment = batch_augmentation() if cfg.augment else None
     result = FitResult(model=model, best_val_accuracy=-1.0)
     best_state = None

@@ -53,9 +53,13 @@ class Running:
     report: PrunerReport | None = None  # its epochs to the pruner
 
 
-def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, running: list) -> Running | None:
+def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, running: list,
+        shuffle_offset: int = 0) -> Running | None:
     """Ask one trial (a queued one first, e.g. the seed recipe), start its heartbeat and its MLflow run;
-    None if another worker, asking at the same moment, filled the study (``refuse_surplus``)."""
+    None if another worker, asking at the same moment, filled the study (``refuse_surplus``).
+
+    ``shuffle_offset``: the epochs of batch orders the stack has drawn before this trial joins it (its
+    params record it, so that the trial trained alone with them gives the same result)."""
     # a fresh sampler per trial, seeded as pipeline.support.trials does: one worker gives the same study
     # for the same seed, workers elsewhere draw different points
     study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.get_trials(deepcopy=False)))
@@ -72,7 +76,7 @@ def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, runnin
     member.heartbeat.start()
     running.append(member)  # from here on, the clean-up tells it and stops its heartbeat
     member.cfg = TrainConfig(**suggest_params(trial, space), batch_size=cfg.batch_size, patience=cfg.patience,
-                             seed=cfg.seed)
+                             seed=cfg.seed, shuffle_offset=shuffle_offset)
     name = f"trial-{trial.number}"
     # the tags mlflow.start_run(nested=True) would set (user, source, parent), for a run we keep open
     # beside the others: the fluent API holds one active run, a group needs K
@@ -149,10 +153,10 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         finish(study, member, outcome, splits)
         running.remove(member)
 
-    def refill() -> TrainConfig | None:  # a new trial takes the finished one's place in the stack
+    def refill(epochs_drawn: int) -> TrainConfig | None:  # a new trial takes the finished one's place
         interrupted()
         recover_dead_trials(study)
-        member = None if is_full(study, cfg) else ask(study, cfg, space, parent, running)
+        member = None if is_full(study, cfg) else ask(study, cfg, space, parent, running, epochs_drawn)
         if member is None:
             return None
         running_by_index.append(member)
