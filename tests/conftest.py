@@ -1,9 +1,13 @@
 """Shared fixtures: temporary MLflow stores, IDX files written by the tests, a slice of the real data."""
 
 import os
+import shutil
+import sqlite3
+from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow import MlflowClient
 
 from pipeline.config import DataConfig
 from pipeline.core.idx import raw_files_in
@@ -16,9 +20,8 @@ def fake_data_dir(tmp_path):
     return write_fake_dataset(tmp_path / "raw")
 
 
-@pytest.fixture
-def mlflow_store(tmp_path, monkeypatch) -> str:
-    """A fresh sqlite tracking store (and artifact folder) for one test, for this process and children."""
+def use_store(tmp_path, monkeypatch):
+    """Point this process and its children at the sqlite store ``tmp_path/mlflow.db``; clean up after."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)  # MLflow puts artifacts in ./mlruns beside the store
@@ -32,6 +35,33 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     for name in experiment_vars:  # that experiment belongs to this test's store: the next test starts afresh
         os.environ.pop(name, None)
     mlflow.tracking.fluent._active_experiment_id = None
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """One new sqlite tracking store, made by MLflow (tables created and migrated) and copied for each
+    test: making a store costs 1-2 s, which the hundred tests that use one would each pay."""
+    path = tmp_path_factory.mktemp("empty-store") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch, empty_store) -> str:
+    """A fresh, empty sqlite tracking store (and artifact folder) for one test, for this process and children."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    with db:  # MLflow made the Default experiment's artifact folder absolute, beside the original: move it here
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                   (str(tmp_path / "mlruns" / "0"),))
+    db.close()
+    yield from use_store(tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def new_mlflow_store(tmp_path, monkeypatch) -> str:
+    """As ``mlflow_store``, but no file yet: for tests of what makes a store, or must not make one."""
+    yield from use_store(tmp_path, monkeypatch)
 
 
 @pytest.fixture

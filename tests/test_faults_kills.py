@@ -26,6 +26,7 @@ from pipeline.names import (FAILURE_TAG, INTERRUPTED_ATTR, MODEL_NAME, OWNER_ATT
                             TRIAL_STATE_TAG, TRIAL_TAG)
 from pipeline.support.optuna_storage import open_storage
 from pipeline.support.trials import counts_toward_total
+from tests.helpers import child_env
 
 KILLS_PER_STORAGE = 3
 TRIALS = 4
@@ -124,21 +125,24 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_exactly_the_trials_asked_f
 @pytest.mark.slow
 def test_a_trial_of_a_worker_on_another_host_is_failed_by_its_missing_heartbeat(
         real_slice, subprocess_env, tmp_path):
-    """The owner check cannot see other machines' processes: there, database heartbeats take over."""
+    """The owner check cannot see other machines' processes: there, database heartbeats take over, for
+    each trial of a side-by-side group (the default)."""
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     process = subprocess.Popen(tune(data, storage) + ["--heartbeat-interval", "1", "--epochs-low", "300",
                                                       "--epochs-high", "300", "--patience", "0"],
                                env=subprocess_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not running_trials(storage):
-        assert process.poll() is None, "tune ended before its trial could be killed"
+    # once an epoch is reported, the group's trials have all been asked and have their runs
+    while not any(t.intermediate_values for t in running_trials(storage)):
+        assert process.poll() is None, "tune ended before its trials could be killed"
         time.sleep(0.05)
-    (trial,) = running_trials(storage)
     process.kill()
     process.wait()
-    # as if the worker had run elsewhere: its owner is a process of another host
-    load(storage)._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR,
-                                               '{"host": "elsewhere", "pid": 1, "started": 0}')
+    killed = running_trials(storage)  # all but the seed recipe's trial, if its 10 epochs were done
+    assert len(killed) >= TRIALS - 1
+    for trial in killed:  # as if the worker had run elsewhere: their owner is a process of another host
+        load(storage)._storage.set_trial_user_attr(trial._trial_id, OWNER_ATTR,
+                                                   '{"host": "elsewhere", "pid": 1, "started": 0}')
     time.sleep(3)  # two missed heartbeats of 1 s
 
     # the study's workers share one heartbeat interval: a trial is stale after two of them
@@ -146,9 +150,10 @@ def test_a_trial_of_a_worker_on_another_host_is_failed_by_its_missing_heartbeat(
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     study = load(storage)
-    assert study.trials[trial.number].state == TrialState.FAIL
-    killed = mlflow.get_run(study.trials[trial.number].user_attrs[RUN_ID_ATTR])
-    assert killed.info.status == "KILLED" and "heartbeats" in killed.data.tags[FAILURE_TAG]
+    for trial in killed:
+        assert study.trials[trial.number].state == TrialState.FAIL
+        run = mlflow.get_run(study.trials[trial.number].user_attrs[RUN_ID_ATTR])
+        assert run.info.status == "KILLED" and "heartbeats" in run.data.tags[FAILURE_TAG]
     assert sum(map(counts_toward_total, study.trials)) == TRIALS
 
 
@@ -158,10 +163,11 @@ def sqlite_tables(path: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_four_commands_started_at_once_on_new_stores(real_slice, subprocess_env, mlflow_store, tmp_path):
+def test_four_commands_started_at_once_on_new_stores(real_slice, new_mlflow_store, tmp_path):
     """Four tune commands, each its own study, created together with both sqlite stores they share."""
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    subprocess_env = child_env(new_mlflow_store)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()
     processes = [subprocess.Popen(tune(data, storage, study=f"s{i}", trials=2), env=subprocess_env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(4)]

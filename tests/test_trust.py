@@ -54,7 +54,7 @@ def tiny_split(real_data_dir, tmp_path_factory):
     (["--trials", "4", "--weight_decay", "0.01"], "weight_decay would not act with trials=4"),
     (["--trials", "0", "--study-name", "x"], "study_name would not act with trials=0"),
 ])
-def test_main_refuses_settings_that_would_not_act(args, message, mlflow_store, tmp_path):
+def test_main_refuses_settings_that_would_not_act(args, message, new_mlflow_store, tmp_path):
     result = CliRunner().invoke(cli, ["main", *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "trials" in result.output.splitlines()[-1]

@@ -72,7 +72,7 @@ def test_pruners(name, cls):
 
 
 @pytest.mark.parametrize("bad", [["--lr-low", "1", "--lr-high", "0.01"], ["--wd-low", "0"], ["--trials", "0"]])
-def test_cli_rejects_bad_options_before_a_study_starts(bad, mlflow_store, tmp_path):
+def test_cli_rejects_bad_options_before_a_study_starts(bad, new_mlflow_store, tmp_path):
     db = tmp_path / "optuna.db"
     result = CliRunner().invoke(cli, ["tune", "--storage", f"sqlite:///{db}", *bad])
     assert result.exit_code == 2, result.output
@@ -224,7 +224,8 @@ def test_killed_worker_is_failed_at_once_by_the_next_run(real_slice, subprocess_
     """
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, patience=0, pruner="none")
+    cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, patience=0, pruner="none",
+                     side_by_side=1)  # one at a time: tests/test_side_by_side.py kills a group
     long_trials = SearchSpace(epochs_low=300, epochs_high=300)
     script = ("import sys; from pipeline.steps.tune import *; "
               f"run_study({cfg!r}, {long_trials!r}, sys.argv[1])")

@@ -39,7 +39,8 @@ from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_sampler, suggest_params
 from pipeline.support.signals import interrupts_at_safe_points
-from pipeline.support.trials import PrunerReport, SurplusTrial, counts_toward_total, refuse_surplus
+from pipeline.support.trials import (PrunerReport, SurplusTrial, counts_toward_total, refuse_surplus,
+                                     wait_for_running_trials)
 
 
 @dataclass
@@ -200,8 +201,9 @@ def is_full(study: optuna.Study, cfg: TuneConfig) -> bool:
 
 def work_side_by_side(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: Splits,
                       tensors: Tensors, parent) -> None:
-    """``work_on_study`` with up to K trials at a time: groups until the study holds ``cfg.trials``."""
+    """``work_on_study`` with up to K trials at a time: groups until the study holds ``cfg.trials``, then,
+    as one at a time, waits for the trials still running in other workers (one may fail and free a place)."""
     while True:
         recover_dead_trials(study)
-        if not run_group(study, cfg, space, splits, tensors, parent):
+        if not run_group(study, cfg, space, splits, tensors, parent) and not wait_for_running_trials(study):
             return

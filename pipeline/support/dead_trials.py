@@ -17,6 +17,7 @@ place (``pipeline.support.trials.counts_toward_total``), and its MLflow run ends
 import warnings
 
 import optuna
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from pipeline.names import INTERRUPTED_ATTR, OWNER_ATTR
@@ -25,7 +26,8 @@ from pipeline.support.optuna_storage import close_stale_run
 
 
 def has_heartbeats(study: optuna.Study) -> bool:
-    return isinstance(study._storage, optuna.storages.RDBStorage) and study._storage.is_heartbeat_enabled()
+    # Optuna's own test: a study keeps an RDBStorage wrapped in its cache, which is not an RDBStorage
+    return is_heartbeat_enabled(study._storage)
 
 
 def fail_dead_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
