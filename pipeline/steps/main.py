@@ -32,8 +32,8 @@ from pipeline.cli import make_config, options_from
 from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
 from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
-from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL_URI_TAG, PREPARED_ARTIFACT,
-                            STEP_TAG, STUDY_TAG)
+from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL_NAME, MODEL_URI_TAG,
+                            PREPARED_ARTIFACT, STEP_TAG, STUDY_TAG)
 from pipeline.support.delivery import record_delivered
 from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
@@ -197,7 +197,11 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     headline.update({k: v for k, v in evaluation.data.metrics.items() if k.startswith("test_accuracy_ci_")})
     mlflow.log_metrics(headline)
     mlflow.set_tag(MODEL_URI_TAG, model_uri)
-    decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
+    # one registration at a time: two mains that reach here together would both register (or both set
+    # an alias: MLflow's alias insert is not atomic, the second fails with a UNIQUE constraint)
+    experiment_id = mlflow.active_run().info.experiment_id
+    with identical_steps_one_at_a_time(experiment_id, "register", {"model": MODEL_NAME}, ""):
+        decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
     return {**headline, "model_uri": model_uri, "registry": decision}
 
 
