@@ -32,7 +32,7 @@ from pipeline.config import DataConfig, TrainConfig
 from pipeline.core.idx import locate_raw_files
 from pipeline.core.model import build_model
 from pipeline.core.splits import prepare_splits
-from pipeline.core.training import Tensors, fit, train_epoch
+from pipeline.core.training import Tensors, batch_orders, fit, train_epoch
 from pipeline.steps.train import train
 from pipeline.support import tracking
 
@@ -113,18 +113,24 @@ def time_reference(root: Path, n_train: int, n_val: int, cfg: TrainConfig, epoch
 # The project: the same model and optimiser on in-memory tensors
 
 
+def epoch_of_fit(tensors: Tensors, cfg: TrainConfig):
+    """One training pass as ``fit`` runs it (same model, optimiser and batch orders), to call repeatedly."""
+    model = build_model(cfg.seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    generator = batch_orders(cfg, len(tensors.train[1]))
+    return lambda: train_epoch(model, *tensors.train, optimizer, cfg, generator)
+
+
 def time_training_pass(tensors: Tensors, cfg: TrainConfig, epochs: int, threads: int | None = None) -> list[float]:
     """Seconds of ``pipeline.core.training.train_epoch`` alone, epoch after epoch (optimiser built as ``fit`` does).
 
     ``threads`` overrides torch's intra-op threads (default: one per core) for this measurement only.
     """
-    model = build_model(cfg.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    one_epoch = epoch_of_fit(tensors, cfg)
     default_threads = torch.get_num_threads()
     torch.set_num_threads(threads or default_threads)
     try:
-        return [timed(train_epoch, model, *tensors.train, optimizer, cfg, generator)[0] for _ in range(epochs)]
+        return [timed(one_epoch)[0] for _ in range(epochs)]
     finally:
         torch.set_num_threads(default_threads)
 
@@ -191,12 +197,10 @@ def profile_training_pass(tensors: Tensors, cfg: TrainConfig, top: int = 10) -> 
     """
     from torch.profiler import ProfilerActivity, profile
 
-    model = build_model(cfg.seed)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_epoch(model, *tensors.train, optimizer, cfg, generator)  # warm-up
+    one_epoch = epoch_of_fit(tensors, cfg)
+    one_epoch()  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as profiled:
-        train_epoch(model, *tensors.train, optimizer, cfg, generator)
+        one_epoch()
     events = profiled.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     largest = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]

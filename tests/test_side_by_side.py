@@ -133,11 +133,11 @@ def test_models_that_cannot_share_batches_are_refused(other, message):
 
 
 @pytest.mark.slow
-def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, mlflow_store, tmp_path):
+def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, tensors, mlflow_store, tmp_path):
     """Same seed: the same trials with the same results, each with its own complete MLflow run. A trial
     that joined the stack late records where in the batch orders it started; trained alone from there,
     it gives its recorded result."""
-    splits, data = real_slice
+    _, data = real_slice
     cfg = TuneConfig(trials=5, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="one", pruner="none",
                      test_best=False, side_by_side=1)
     alone = run_study(cfg, SMALL_SPACE, str(data))
@@ -160,7 +160,7 @@ def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, mlflow_
                {a.path for a in client.list_artifacts(reference.info.run_id)}
         if offsets[-1]:  # joined late: its recorded settings, trained alone, give its result
             cfg_used = config_from_params(run.data.params)
-            assert fit(build_model(0), Tensors.from_splits(splits), cfg_used).best_val_accuracy == \
+            assert fit(build_model(0), tensors, cfg_used).best_val_accuracy == \
                 pytest.approx(ours.value, abs=2e-3)
             continue
         assert run.data.metrics["best_epoch"] == reference.data.metrics["best_epoch"]
