@@ -210,7 +210,7 @@ def profile_training_pass(tensors: Tensors, cfg: TrainConfig, top: int = 10) -> 
 def time_compute_floor(tensors: Tensors, cfg: TrainConfig, repeats: int) -> list[float]:
     """One forward and backward pass over the whole training tensor at once, ``repeats`` times."""
     model = build_model(cfg.seed)
-    x, y = tensors.train
+    x, y = tensors.train_pixels()
 
     def full_batch_pass():
         model.zero_grad(set_to_none=True)

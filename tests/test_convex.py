@@ -56,7 +56,7 @@ def test_the_objective_is_what_sgd_weight_decay_minimises():
 
 @pytest.mark.slow
 def test_lbfgs_finds_the_optimum_and_beats_sgd(slice_tensors):
-    x, y = slice_tensors.train
+    x, y = slice_tensors.train_pixels()
     x64 = x.double()
     start_norm = convex.gradient_norm(convex.zero_model(), x64, y, WD)
     optimum = convex.solve(x64, y, WD, max_iter=600, tolerance=1e-5)
@@ -82,7 +82,7 @@ def test_lbfgs_finds_the_optimum_and_beats_sgd(slice_tensors):
 
 @pytest.mark.slow
 def test_the_path_is_solved_strongest_decay_first(slice_tensors):
-    x, y = slice_tensors.train
+    x, y = slice_tensors.train_pixels()
     optima = convex.solve_path(x.double(), y, [1e-4, 1e-2, 1e-3], max_iter=300, tolerance=1e-6)
     assert [o.weight_decay for o in optima] == [1e-2, 1e-3, 1e-4]
     # a weaker penalty fits the training data at least as well

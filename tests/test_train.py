@@ -43,7 +43,7 @@ def test_pixels_are_scaled_like_to_tensor(real_slice):
     from torchvision.transforms import ToTensor
 
     splits = real_slice[0]
-    ours = Tensors.from_splits(splits).train[0][:3]
+    ours = Tensors.from_splits(splits).train_pixels()[0][:3]
     theirs = torch.stack([ToTensor()(Image.fromarray(img)) for img in splits.train_x[:3]])
     torch.testing.assert_close(ours, theirs)
 

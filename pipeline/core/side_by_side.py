@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from pipeline.config import NUM_CLASSES, TrainConfig
 from pipeline.core.model import build_model
+from pipeline.core.splits import pixels
 from pipeline.core.training import DivergedError, FitResult, Tensors, batch_orders
 
 # on_epoch(index, metrics) sees each model's epoch and may raise (an Exception) to stop that model;
@@ -90,8 +91,11 @@ def logits_of(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 
 def losses_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each model's mean cross-entropy over the same images, (K,): the loss it would have alone."""
-    n, k, c = logits.shape
-    return F.cross_entropy(logits.reshape(n * k, c), y.repeat_interleave(k), reduction="none").view(n, k).mean(0)
+    n, k, _ = logits.shape
+    # Classes in the second dimension, (N, 10, K), the layout cross_entropy takes for per-position
+    # targets: torch's log-softmax over a last dimension of only 10 is slow (~14 ns per element), and
+    # this layout makes a stacked step ~20% faster at K=8, with bit-identical losses (README, Benchmarks).
+    return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(n, k), reduction="none").mean(0)
 
 
 def train_epoch(w, b, lr, wd, x, y, batch_size: int, order: torch.Tensor) -> tuple[list[float], list[int]]:
@@ -101,7 +105,7 @@ def train_epoch(w, b, lr, wd, x, y, batch_size: int, order: torch.Tensor) -> tup
     total_loss = torch.zeros(k)
     correct = torch.zeros(k, dtype=torch.long)
     for idx in order.split(batch_size):
-        xb, yb = flat.index_select(0, idx), y.index_select(0, idx)  # one gather for all K models
+        xb, yb = pixels(flat.index_select(0, idx)), y.index_select(0, idx)  # one gather for all K models
         logits = logits_of(w, b, xb)  # (B, K, 10)
         losses = losses_of(logits, yb)
         w.grad = b.grad = None

@@ -176,4 +176,9 @@ def prepare_splits(cfg: DataConfig, cache_root: Path = LOCAL_ROOT / "prepared") 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, 28, 28) -> float32 (N, 1, 28, 28) in [0, 1], what torchvision's ToTensor gives."""
-    return torch.from_numpy(images).unsqueeze(1).float().div_(255)
+    return pixels(torch.from_numpy(images).unsqueeze(1))
+
+
+def pixels(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> float32 pixels in [0, 1] (x / 255, as ToTensor), the same shape."""
+    return images.float().div_(255)

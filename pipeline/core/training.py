@@ -1,6 +1,6 @@
 """The training loop: plain PyTorch, no tracking. ``pipeline.steps.train`` adds MLflow around it.
 
-Why it is fast: the whole training split already sits in memory as one float tensor, so a batch is a
+Why it is fast: the whole training split already sits in memory as one tensor, so a batch is a
 single index into it. The book's DataLoader instead decodes, converts and collates 256 PIL images per
 batch in worker processes, which costs far more than the 784x10 matrix product itself.
 """
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.core.splits import Splits, to_tensor
+from pipeline.core.splits import Splits, pixels, to_tensor
 from pipeline.errors import PipelineError
 
 
@@ -38,19 +38,31 @@ class DivergedError(PipelineError):
 
 @dataclass
 class Tensors:
-    """The prepared splits as model-ready tensors: images float32 (N, 1, 28, 28) in [0, 1]."""
+    """The prepared splits as tensors (N, 1, 28, 28) with int64 labels.
 
-    train: tuple[torch.Tensor, torch.Tensor]
+    Validation and test images are model-ready float32 pixels in [0, 1]: each is scored whole, every
+    epoch. The training images stay uint8 and become pixels a batch at a time (``pixels``), exactly as
+    they would whole: a quarter of the memory (118 MB less), and each batch's gather from random rows
+    reads a quarter of the bytes (the training pass ~9% faster; README, Benchmarks).
+    """
+
+    train: tuple[torch.Tensor, torch.Tensor]  # uint8 images
     val: tuple[torch.Tensor, torch.Tensor]
     test: tuple[torch.Tensor, torch.Tensor]
 
     @classmethod
     def from_splits(cls, splits: Splits) -> "Tensors":
-        def pair(split):
+        def pair(split, convert=to_tensor):
             x, y = splits.arrays(split)
-            return to_tensor(x), torch.from_numpy(y)
+            return convert(x), torch.from_numpy(y)
 
-        return cls(train=pair("train"), val=pair("val"), test=pair("test"))
+        uint8_images = lambda x: torch.from_numpy(x).unsqueeze(1)  # noqa: E731
+        return cls(train=pair("train", uint8_images), val=pair("val"), test=pair("test"))
+
+    def train_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole training split as float pixels, for code that uses it at once rather than by batches."""
+        x, y = self.train
+        return pixels(x), y
 
 
 @dataclass
@@ -100,7 +112,7 @@ def train_epoch(model, x, y, optimizer, cfg: TrainConfig, generator, augment=Non
     total_loss = torch.zeros(())
     correct = torch.zeros((), dtype=torch.long)
     for idx in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
-        xb, yb = x.index_select(0, idx), y.index_select(0, idx)  # = x[idx], about twice as fast
+        xb, yb = pixels(x.index_select(0, idx)), y.index_select(0, idx)  # index_select = x[idx], ~2x as fast
         if augment is not None:
             xb = augment(xb)
         if cfg.input_dropout:

@@ -55,8 +55,8 @@ def load_best_trial(cfg: ConvexConfig, missing_ok: bool = False) -> optuna.trial
     return best
 
 
-def optimum_table(optima: list[convex.Optimum], tensors: Tensors) -> pd.DataFrame:
-    (x, y), (vx, vy) = tensors.train, tensors.val
+def optimum_table(optima: list[convex.Optimum], train: tuple, val: tuple) -> pd.DataFrame:
+    (x, y), (vx, vy) = train, val
     return pd.DataFrame([{
         "weight_decay": o.weight_decay, "objective": o.objective, "gradient_norm": o.gradient_norm,
         "iterations": o.iterations, "converged": o.converged,
@@ -71,9 +71,9 @@ def run_convex_optimum(cfg: ConvexConfig, splits: Splits, tensors: Tensors | Non
     best_trial = load_best_trial(cfg, missing_study_ok)  # a missing study fails before minutes of L-BFGS
     tensors = tensors or Tensors.from_splits(splits)
     log_new_params({**asdict(cfg), "weight_decays": ",".join(f"{w:g}" for w in cfg.weight_decays)})
-    x, y = tensors.train
+    x, y = tensors.train_pixels()  # L-BFGS takes the whole split at once
     optima = convex.solve_path(x.double(), y, cfg.weight_decays, cfg.max_iter, cfg.tolerance)
-    table = optimum_table(optima, tensors)
+    table = optimum_table(optima, (x, y), tensors.val)
     tracking.log_series(table.drop(columns="weight_decay").astype(float).add_prefix("convex_"), steps=table.index)
     mlflow.log_text(table.to_csv(index=False), CONVEX_TABLE)
     chosen = int(table["val_accuracy"].idxmax())  # the first (strongest decay) among equals

@@ -25,7 +25,7 @@ def run_stability(cfg: StabilityConfig, splits: Splits, tensors: Tensors | None 
     log_new_params({**asdict(cfg), "scales": ",".join(f"{s:g}" for s in cfg.scales)})
     labels = tensors.val[1][: cfg.images]
     sweep = scale_sweep(trained_logits(tensors, cfg), labels, cfg.scales)
-    race = train_side_by_side(*tensors.train, cfg)
+    race = train_side_by_side(*tensors.train_pixels(), cfg)
     summary = summarize(sweep, race)
 
     # MLflow steps must be integers, so the scales are logged by position; the table holds the scales.

@@ -39,8 +39,8 @@ from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_sampler, suggest_params
 from pipeline.support.signals import interrupts_at_safe_points
-from pipeline.support.trials import (PrunerReport, SurplusTrial, counts_toward_total, refuse_surplus,
-                                     wait_for_running_trials)
+from pipeline.support.trials import (PrunerReport, SharedStudyRead, SurplusTrial, counts_toward_total,
+                                     refuse_surplus, wait_for_running_trials)
 
 
 @dataclass
@@ -54,13 +54,14 @@ class Running:
     report: PrunerReport | None = None  # its epochs to the pruner
 
 
-def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, running: list,
+def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, running: list, pruning: SharedStudyRead,
         shuffle_offset: int = 0) -> Running | None:
     """Ask one trial (a queued one first, e.g. the seed recipe), start its heartbeat and its MLflow run;
     None if another worker, asking at the same moment, filled the study (``refuse_surplus``).
 
-    ``shuffle_offset``: the epochs of batch orders the stack has drawn before this trial joins it (its
-    params record it, so that the trial trained alone with them gives the same result)."""
+    ``pruning``: the stack's shared read of the study for its pruner. ``shuffle_offset``: the epochs of
+    batch orders the stack has drawn before this trial joins it (its params record it, so that the trial
+    trained alone with them gives the same result)."""
     # a fresh sampler per trial, seeded as pipeline.support.trials does: one worker gives the same study
     # for the same seed, workers elsewhere draw different points
     study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.get_trials(deepcopy=False)))
@@ -86,7 +87,7 @@ def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, runnin
                                         SIDE_BY_SIDE_TAG: str(cfg.side_by_side), OWNER_TAG: this_process()})
     member.run_id = MlflowClient().create_run(parent.experiment_id, tags=tags, run_name=name).info.run_id
     trial.set_user_attr(RUN_ID_ATTR, member.run_id)
-    member.report = PrunerReport(trial, member.run_id)
+    member.report = PrunerReport(trial, member.run_id, pruning)
     mlflow.log_params(asdict(member.cfg), run_id=member.run_id)
     return member
 
@@ -142,6 +143,7 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     Each ask checks the count again, so that workers asking at the same time together stop at the total.
     """
     running: list[Running] = []
+    pruning = SharedStudyRead(study)  # one read of the study per epoch for the pruner, not one per trial
 
     def on_epoch(i: int, metrics: dict) -> None:  # what steps.train and a trial one at a time do, per trial
         interrupted()  # between epochs, before this trial's writes: the store is never cut mid-write
@@ -153,11 +155,12 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         member = running_by_index[i]
         finish(study, member, outcome, splits)
         running.remove(member)
+        pruning.renew()  # the trials still to decide after this epoch see this one's end
 
     def refill(epochs_drawn: int) -> TrainConfig | None:  # a new trial takes the finished one's place
         interrupted()
         recover_dead_trials(study)
-        member = None if is_full(study, cfg) else ask(study, cfg, space, parent, running, epochs_drawn)
+        member = None if is_full(study, cfg) else ask(study, cfg, space, parent, running, pruning, epochs_drawn)
         if member is None:
             return None
         running_by_index.append(member)
@@ -166,7 +169,7 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     with interrupts_at_safe_points() as interrupted:
         try:
             for _ in range(cfg.side_by_side):
-                if is_full(study, cfg) or ask(study, cfg, space, parent, running) is None:
+                if is_full(study, cfg) or ask(study, cfg, space, parent, running, pruning) is None:
                     break
             if not running:
                 return False

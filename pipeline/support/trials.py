@@ -4,6 +4,7 @@ Each trial trains with ``pipeline.steps.train.train`` (so a trial logs exactly w
 and reports every epoch's val accuracy to the pruner.
 """
 
+import copy
 import time
 
 import mlflow
@@ -27,24 +28,64 @@ class PrunerReport:
     """An ``on_epoch`` callback: report val accuracy to the trial's pruner, stop the trial if it says so.
 
     One per trial, whether trained one at a time (through ``steps.train``, logging to the active run)
-    or side by side (``pipeline.support.batched_trials``, logging to the trial's ``run_id``).
+    or side by side (``pipeline.support.batched_trials``, logging to the trial's ``run_id``, and with
+    the stack's trials sharing one read of the study per epoch: ``shared``).
     """
 
-    def __init__(self, trial: optuna.Trial, run_id: str | None = None):
-        self.trial, self.run_id = trial, run_id
+    def __init__(self, trial: optuna.Trial, run_id: str | None = None, shared: "SharedStudyRead | None" = None):
+        self.trial, self.run_id, self.shared = trial, run_id, shared
         self.best = {"best_val_accuracy": -1.0, "best_epoch": 0}  # so far
 
     def __call__(self, metrics: dict) -> None:
         self.trial.report(metrics["val_accuracy"], step=metrics["epoch"])
         if metrics["val_accuracy"] > self.best["best_val_accuracy"]:
             self.best.update(best_val_accuracy=metrics["val_accuracy"], best_epoch=metrics["epoch"])
-        if self.trial.should_prune():
+        if self.shared.should_prune(self.trial) if self.shared else self.trial.should_prune():
             # what the trial reached before it was stopped: without it MLflow's compare view would
             # draw the pruned run without a best_val_accuracy, at the top of that axis
             mlflow.log_metrics({**self.best, "pruned_at_epoch": metrics["epoch"], "epochs_run": metrics["epoch"]},
                                run_id=self.run_id)
             raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: "
                                      f"val accuracy {metrics['val_accuracy']:.4f}")
+
+
+class SharedStudyRead:
+    """One read of the study for the pruner's decisions on all the trials of a stack after an epoch.
+
+    ``Trial.should_prune`` has the pruner read the study's trials for every decision (the median pruner
+    compares with the finished trials' curves; the read also brings back every running trial's curve). K
+    trials deciding after the same epoch would read the same rows K times, ~5 ms each and more with every
+    trial in flight. Here each trial decides once per read, and the read is renewed when a trial comes to
+    decide again and when a trial of the stack ends (``renew``): every decision sees every trial this
+    worker has finished, as one at a time; only other workers' news can reach it an epoch late.
+    """
+
+    def __init__(self, study: optuna.Study):
+        self.study, self.read, self.decided = study, None, set()
+
+    def renew(self) -> None:
+        self.read = None
+
+    def should_prune(self, trial: optuna.Trial) -> bool:
+        if self.read is None or trial.number in self.decided:
+            self.read, self.decided = StudyAsRead(self.study, self.study.get_trials(deepcopy=False)), set()
+        self.decided.add(trial.number)
+        # the trial's own curve, as should_prune passes it (kept by the trial as it reports: no read)
+        return self.study.pruner.prune(self.read, trial._get_latest_trial())
+
+
+class StudyAsRead:
+    """A study whose ``get_trials`` answers from one earlier read; everything else is the study's own."""
+
+    def __init__(self, study: optuna.Study, trials: list):
+        self._study, self._trials = study, trials
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        trials = [t for t in self._trials if states is None or t.state in states]
+        return copy.deepcopy(trials) if deepcopy else trials
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
 
 
 class SurplusTrial(Exception):
