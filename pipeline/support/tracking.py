@@ -74,8 +74,8 @@ def log_epoch(metrics: dict, synchronous: bool = True, run_id: str | None = None
     """
     run_id = run_id or mlflow.active_run().info.run_id
     now, step = int(time.time() * 1000), metrics["epoch"]
-    MlflowClient().log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"],
-                             synchronous=synchronous)
+    logged = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != "epoch"]
+    MlflowClient().log_batch(run_id, metrics=logged, synchronous=synchronous)
 
 
 def log_series(table: pd.DataFrame, steps) -> None:

@@ -149,9 +149,10 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
 
     Trials still running in other workers or on other machines hold their place, so the workers
     together stop at the total (two workers that check within the same few milliseconds may both start
-    one: the surplus one gives way at once, ``refuse_surplus``). Each trial gets a fresh sampler seeded with the seed plus the number
-    of trials so far: one worker gives the same study for the same seed, while workers elsewhere,
-    which would otherwise draw the same random points from the same seed, draw different ones.
+    one: the surplus one gives way at once, ``refuse_surplus``). Each trial gets a fresh sampler seeded
+    with the seed plus the number of trials so far: one worker gives the same study for the same seed,
+    while workers elsewhere, which would otherwise draw the same random points from the same seed, draw
+    different ones.
     """
     # One thread per worker: a 784x10 matrix product gains nothing from more, and threads that
     # spin-wait for each other run ~10x slower when the cores are shared. Use --workers for more cores.
