@@ -8,6 +8,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.core.model import build_model
+from pipeline.core.splits import pixels
 from pipeline.core.training import DivergedError, Tensors, fit, score
 
 
@@ -43,9 +44,13 @@ def test_pixels_are_scaled_like_to_tensor(real_slice):
     from torchvision.transforms import ToTensor
 
     splits = real_slice[0]
-    ours = Tensors.from_splits(splits).train_pixels()[0][:3]
+    tensors = Tensors.from_splits(splits)
+    assert tensors.train[0].dtype == torch.uint8  # held as bytes, made pixels a batch at a time
+    ours = tensors.train_pixels()[0][:3]
     theirs = torch.stack([ToTensor()(Image.fromarray(img)) for img in splits.train_x[:3]])
-    torch.testing.assert_close(ours, theirs)
+    assert torch.equal(ours, theirs)  # bit for bit: training by batches sees exactly ToTensor's pixels
+    with pytest.raises(TypeError, match="uint8"):
+        pixels(ours)  # pixels already in [0, 1] are refused, not shrunk 255-fold
 
 
 def test_training_learns_and_is_reproducible(tensors):

@@ -181,4 +181,6 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def pixels(images: torch.Tensor) -> torch.Tensor:
     """uint8 images -> float32 pixels in [0, 1] (x / 255, as ToTensor), the same shape."""
+    if images.dtype != torch.uint8:  # pixels already scaled would silently shrink 255-fold
+        raise TypeError(f"pixels() takes uint8 images, got {images.dtype}")
     return images.float().div_(255)
