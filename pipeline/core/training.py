@@ -42,8 +42,9 @@ class Tensors:
 
     Validation and test images are model-ready float32 pixels in [0, 1]: each is scored whole, every
     epoch. The training images stay uint8 and become pixels a batch at a time (``pixels``), exactly as
-    they would whole: a quarter of the memory (118 MB less), and each batch's gather from random rows
-    reads a quarter of the bytes (the training pass ~9% faster; README, Benchmarks).
+    they would whole: no float copy of the split (157 MB; the uint8 tensor shares the prepared array),
+    and each batch's gather from random rows reads a quarter of the bytes (the training pass ~9% faster;
+    README, Benchmarks).
     """
 
     train: tuple[torch.Tensor, torch.Tensor]  # uint8 images
