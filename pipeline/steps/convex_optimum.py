@@ -55,13 +55,15 @@ def load_best_trial(cfg: ConvexConfig, missing_ok: bool = False) -> optuna.trial
     return best
 
 
-def optimum_table(optima: list[convex.Optimum], train: tuple, val: tuple) -> pd.DataFrame:
-    (x, y), (vx, vy) = train, val
+def optimum_table(optima: list[convex.Optimum], train64: tuple, val: tuple) -> pd.DataFrame:
+    """One row per optimum; ``train64`` is the training split in float64, as the optima were solved on."""
+    (x64, y), (vx, vy) = train64, val
+    vx64 = vx.double()  # once, not once per optimum
     return pd.DataFrame([{
         "weight_decay": o.weight_decay, "objective": o.objective, "gradient_norm": o.gradient_norm,
         "iterations": o.iterations, "converged": o.converged,
-        "train_accuracy": convex.accuracy(o.model, x.double(), y),
-        "val_accuracy": convex.accuracy(o.model, vx.double(), vy)} for o in optima])
+        "train_accuracy": convex.accuracy(o.model, x64, y),
+        "val_accuracy": convex.accuracy(o.model, vx64, vy)} for o in optima])
 
 
 def run_convex_optimum(cfg: ConvexConfig, splits: Splits, tensors: Tensors | None = None,
@@ -71,9 +73,10 @@ def run_convex_optimum(cfg: ConvexConfig, splits: Splits, tensors: Tensors | Non
     best_trial = load_best_trial(cfg, missing_study_ok)  # a missing study fails before minutes of L-BFGS
     tensors = tensors or Tensors.from_splits(splits)
     log_new_params({**asdict(cfg), "weight_decays": ",".join(f"{w:g}" for w in cfg.weight_decays)})
-    x, y = tensors.train_pixels()  # L-BFGS takes the whole split at once
-    optima = convex.solve_path(x.double(), y, cfg.weight_decays, cfg.max_iter, cfg.tolerance)
-    table = optimum_table(optima, (x, y), tensors.val)
+    x, y = tensors.train_pixels()  # L-BFGS takes the whole split at once, in float64
+    x64 = x.double()
+    optima = convex.solve_path(x64, y, cfg.weight_decays, cfg.max_iter, cfg.tolerance)
+    table = optimum_table(optima, (x64, y), tensors.val)
     tracking.log_series(table.drop(columns="weight_decay").astype(float).add_prefix("convex_"), steps=table.index)
     mlflow.log_text(table.to_csv(index=False), CONVEX_TABLE)
     chosen = int(table["val_accuracy"].idxmax())  # the first (strongest decay) among equals
