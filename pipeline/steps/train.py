@@ -19,6 +19,7 @@ from pipeline.core.training import DivergedError, FitResult, Tensors, fit
 from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
 from pipeline.support import figures, tracking
 from pipeline.support.params import log_new_params
+from pipeline.support.signals import held_during_write
 
 
 def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
@@ -35,7 +36,8 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
 
     def after_epoch(metrics: dict) -> None:
         # synchronous, so a crash loses no finished epoch (asynchronous logging measured no faster here)
-        tracking.log_epoch(metrics)
+        with held_during_write():  # Ctrl-C comes after the write, not inside its sqlite transaction
+            tracking.log_epoch(metrics)
         bar.update()
         bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_accuracy")})
         if on_epoch is not None:

@@ -68,3 +68,31 @@ def interrupts_at_safe_points():
         for s, handler in previous.items():
             signal.signal(s, handler)
     check()  # one that came after the last safe point still stops the command
+
+
+@contextlib.contextmanager
+def held_during_write():
+    """Hold Ctrl-C and SIGTERM while a store write is under way; one that came is delivered when it ends.
+
+    An interrupt raised inside a sqlite write can leave its transaction open, and the clean-up that then
+    ends the interrupted runs finds the database locked (a one-at-a-time trial's Ctrl-C once left its run
+    RUNNING so). The handlers in force (raising KeyboardInterrupt, or noting it for a safe point) still
+    decide what the signal does: it is raised again, to them, after the write.
+    """
+    try:
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        if None in previous.values():  # a handler set outside Python could not be put back
+            raise ValueError
+        arrived = []
+        for s in previous:
+            signal.signal(s, lambda signum, frame: arrived.append(signum))
+    except ValueError:  # not the main thread: signals cannot be handled here
+        yield
+        return
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
