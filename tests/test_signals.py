@@ -8,6 +8,15 @@ import pytest
 from pipeline.support.signals import held_during_write, interrupts_at_safe_points
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """A job started in the background (as CI may start the suite) inherits SIGINT ignored: these tests
+    start from Python's own Ctrl-C handler, and put back what they found."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_inside_a_write_is_raised_after_it():
     finished = []
     with pytest.raises(KeyboardInterrupt):
