@@ -29,8 +29,9 @@ from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.optuna_storage import open_storage, open_study, printable_url
 from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
+from pipeline.support.signals import interrupts_raise_keyboard_interrupt
 from pipeline.support.study_record import describe, log_figures, log_trials_table, record_best
-from pipeline.support.workers import interrupts_raise_keyboard_interrupt, run_workers
+from pipeline.support.workers import run_workers
 
 
 def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:

@@ -38,7 +38,6 @@ from pipeline.support import tracking
 from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_sampler, suggest_params
-from pipeline.support.signals import interrupts_at_safe_points
 from pipeline.support.trials import (PrunerReport, SharedStudyRead, SurplusTrial, counts_toward_total,
                                      refuse_surplus, wait_for_running_trials)
 
@@ -136,11 +135,12 @@ def finish(study, member: Running, outcome, splits: Splits) -> None:
 
 
 def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: Splits, tensors: Tensors,
-              parent) -> bool:
+              parent, interrupted) -> bool:
     """Ask up to K trials, train them side by side, tell each its state as soon as it stops and ask a
     new one into its place while the study is not full; False if the study was already full.
 
     Each ask checks the count again, so that workers asking at the same time together stop at the total.
+    ``interrupted``: the safe point (``signals.interrupts_at_safe_points``), checked between writes.
     """
     running: list[Running] = []
     pruning = SharedStudyRead(study)  # one read of the study per epoch for the pruner, not one per trial
@@ -166,31 +166,30 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         running_by_index.append(member)
         return member.cfg
 
-    with interrupts_at_safe_points() as interrupted:
-        try:
-            for _ in range(cfg.side_by_side):
-                if is_full(study, cfg) or ask(study, cfg, space, parent, running, pruning) is None:
-                    break
-            if not running:
-                return False
-            running_by_index = list(running)
-            fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end, refill=refill)
-            return True
-        except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
-            reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
-            for member in running:
-                member.trial.set_user_attr(INTERRUPTED_ATTR, reason)
-                end_run(member, TrialState.FAIL, "KILLED", reason)
-                tell(study, member, TrialState.FAIL)
-            raise
-        except Exception as e:  # a bug or a lost store: fail what runs (no result, so not counted), then stop
-            for member in running:
-                end_run(member, TrialState.FAIL, "FAILED", f"{type(e).__name__}: {e}")
-                tell(study, member, TrialState.FAIL)
-            raise
-        finally:  # if telling failed too: a heartbeat thread left running would keep the process alive
-            for member in running:
-                member.heartbeat.join()  # (joining twice is harmless)
+    try:
+        for _ in range(cfg.side_by_side):
+            if is_full(study, cfg) or ask(study, cfg, space, parent, running, pruning) is None:
+                break
+        if not running:
+            return False
+        running_by_index = list(running)
+        fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end, refill=refill)
+        return True
+    except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
+        reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
+        for member in running:
+            member.trial.set_user_attr(INTERRUPTED_ATTR, reason)
+            end_run(member, TrialState.FAIL, "KILLED", reason)
+            tell(study, member, TrialState.FAIL)
+        raise
+    except Exception as e:  # a bug or a lost store: fail what runs (no result, so not counted), then stop
+        for member in running:
+            end_run(member, TrialState.FAIL, "FAILED", f"{type(e).__name__}: {e}")
+            tell(study, member, TrialState.FAIL)
+        raise
+    finally:  # if telling failed too: a heartbeat thread left running would keep the process alive
+        for member in running:
+            member.heartbeat.join()  # (joining twice is harmless)
 
 
 def is_full(study: optuna.Study, cfg: TuneConfig) -> bool:
@@ -203,10 +202,12 @@ def is_full(study: optuna.Study, cfg: TuneConfig) -> bool:
 
 
 def work_side_by_side(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: Splits,
-                      tensors: Tensors, parent) -> None:
+                      tensors: Tensors, parent, interrupted) -> None:
     """``work_on_study`` with up to K trials at a time: groups until the study holds ``cfg.trials``, then,
     as one at a time, waits for the trials still running in other workers (one may fail and free a place)."""
     while True:
+        interrupted()
         recover_dead_trials(study)
-        if not run_group(study, cfg, space, splits, tensors, parent) and not wait_for_running_trials(study):
+        if (not run_group(study, cfg, space, splits, tensors, parent, interrupted)
+                and not wait_for_running_trials(study, interrupted)):
             return

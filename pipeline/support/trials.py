@@ -22,6 +22,7 @@ from pipeline.support.dead_trials import recover_dead_trials, watched_running_tr
 from pipeline.support.optuna_storage import open_storage
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_pruner, make_sampler, suggest_params
+from pipeline.support.signals import interrupts_at_safe_points
 
 
 class PrunerReport:
@@ -104,11 +105,12 @@ def refuse_surplus(trial: optuna.Trial, cfg: TuneConfig) -> None:
 
 
 def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: Splits, tensors: Tensors,
-              parent: mlflow.entities.RunInfo) -> float:
+              parent: mlflow.entities.RunInfo, interrupted=lambda: None) -> float:
     """Train with the trial's parameters in a nested MLflow run; return the best val accuracy.
 
     The MLflow run always ends: FINISHED when complete or pruned, FAILED when training diverged,
-    KILLED when interrupted; its tag ``pipeline.trial_state`` holds Optuna's state.
+    KILLED when interrupted; its tag ``pipeline.trial_state`` holds Optuna's state. ``interrupted``:
+    the safe point (``signals.interrupts_at_safe_points``), checked after each epoch's metrics are written.
     """
     trial.set_user_attr(OWNER_ATTR, this_process())  # first: if this process dies, a later run can tell
     refuse_surplus(trial, cfg)
@@ -119,10 +121,15 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
                            tags={STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number),
                                  OWNER_TAG: this_process()})
     state, status = TrialState.FAIL, "FAILED"
+    report = PrunerReport(trial)
+
+    def on_epoch(metrics: dict) -> None:
+        interrupted()  # the epoch is written to MLflow, the pruner's write is still to come: a safe point
+        report(metrics)
+
     try:
         trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-        result, model_info = train(train_cfg, splits, tensors=tensors, progress=False,
-                                   on_epoch=PrunerReport(trial))
+        result, model_info = train(train_cfg, splits, tensors=tensors, progress=False, on_epoch=on_epoch)
         trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
         trial.set_user_attr(BEST_EPOCH_ATTR, result.best_epoch)
         state, status = TrialState.COMPLETE, "FINISHED"
@@ -160,22 +167,25 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
     tensors = Tensors.from_splits(splits)  # once per process, shared by all its trials
     study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg),
                               pruner=make_pruner(cfg.pruner, space))
-    if cfg.side_by_side > 1:  # K trials at a time, trained as one stack (imported here: it imports us)
-        from pipeline.support.batched_trials import work_side_by_side
-        return work_side_by_side(study, cfg, space, splits, tensors, parent)
-    while True:
-        recover_dead_trials(study)
-        trials = study.get_trials(deepcopy=False)
-        if sum(map(counts_toward_total, trials)) >= cfg.trials:
-            if not wait_for_running_trials(study):
-                return
-            continue  # they ended: count again, a place may be free
-        study.sampler = make_sampler(cfg.sampler, cfg.seed + len(trials))
-        study.optimize(lambda trial: run_trial(trial, cfg, space, splits, tensors, parent),
-                       n_trials=1, catch=(DivergedError, SurplusTrial))
+    # Ctrl-C and SIGTERM stop the trials only at safe points, between the stores' writes (why: signals.py)
+    with interrupts_at_safe_points() as interrupted:
+        if cfg.side_by_side > 1:  # K trials at a time, trained as one stack (imported here: it imports us)
+            from pipeline.support.batched_trials import work_side_by_side
+            return work_side_by_side(study, cfg, space, splits, tensors, parent, interrupted)
+        while True:
+            interrupted()
+            recover_dead_trials(study)
+            trials = study.get_trials(deepcopy=False)
+            if sum(map(counts_toward_total, trials)) >= cfg.trials:
+                if not wait_for_running_trials(study, interrupted):
+                    return
+                continue  # they ended: count again, a place may be free
+            study.sampler = make_sampler(cfg.sampler, cfg.seed + len(trials))
+            study.optimize(lambda trial: run_trial(trial, cfg, space, splits, tensors, parent, interrupted),
+                           n_trials=1, catch=(DivergedError, SurplusTrial))
 
 
-def wait_for_running_trials(study: optuna.Study, poll_seconds: float = 1.0) -> bool:
+def wait_for_running_trials(study: optuna.Study, interrupted, poll_seconds: float = 1.0) -> bool:
     """Wait while the study's last trials run in other workers; False if there were none.
 
     The study is full, but a running trial may still be interrupted or its worker die: then its
@@ -188,6 +198,7 @@ def wait_for_running_trials(study: optuna.Study, poll_seconds: float = 1.0) -> b
             print(f"tune: waiting for trial(s) {', '.join(map(str, running))} of other workers to finish")
             waited = True
         time.sleep(poll_seconds)
+        interrupted()
         recover_dead_trials(study)
     return waited
 
