@@ -37,7 +37,7 @@ from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL
 from pipeline.support.delivery import record_delivered
 from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
-from pipeline.support.signals import interrupts_raise_keyboard_interrupt
+from pipeline.support.signals import interrupt_reason, interrupts_raise_keyboard_interrupt
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -233,7 +233,7 @@ def main_command(**options):
         try:
             result = run_main(data, train, cfg)
         except KeyboardInterrupt as e:
-            mlflow.set_tag(FAILURE_TAG, f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})")
+            mlflow.set_tag(FAILURE_TAG, interrupt_reason(e))
             mlflow.end_run("KILLED")
             raise
     test = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"], result["test_accuracy_ci_high"]) \

@@ -38,6 +38,7 @@ from pipeline.support import tracking
 from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_sampler, suggest_params
+from pipeline.support.signals import interrupt_reason
 from pipeline.support.trials import (PrunerReport, SharedStudyRead, SurplusTrial, counts_toward_total,
                                      refuse_surplus, wait_for_running_trials)
 
@@ -176,7 +177,7 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
         fit_side_by_side([m.cfg for m in running], tensors, on_epoch=on_epoch, on_end=on_end, refill=refill)
         return True
     except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
-        reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
+        reason = interrupt_reason(e)
         for member in running:
             member.trial.set_user_attr(INTERRUPTED_ATTR, reason)
             end_run(member, TrialState.FAIL, "KILLED", reason)

@@ -31,6 +31,11 @@ def interrupts_handled_by(handler):
             signal.signal(s, old)
 
 
+def interrupt_reason(e: KeyboardInterrupt) -> str:
+    """What an interrupted run or trial records: the signal's name from our handlers, else Ctrl-C."""
+    return f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
+
+
 def ignore_further_interrupts() -> None:
     """After the first interrupt: a second Ctrl-C or a SIGTERM would cut the clean-up of the first short."""
     for s in INTERRUPTS:
@@ -80,8 +85,9 @@ def interrupts_at_safe_points():
 def held_during_write():
     """Hold Ctrl-C and SIGTERM while a store write is under way; one that came is delivered when it ends.
 
-    For a write outside ``interrupts_at_safe_points`` (``train``'s per-epoch metrics): the handlers in
-    force still decide what the signal does; it is raised again, to them, after the write.
+    For a write that may run outside ``interrupts_at_safe_points`` (the ``train`` command's per-epoch
+    metrics): the handlers in force still decide what the signal does; it is raised again, to them,
+    after the write.
     """
     arrived = []
     try:

@@ -22,7 +22,7 @@ from pipeline.support.dead_trials import recover_dead_trials, watched_running_tr
 from pipeline.support.optuna_storage import open_storage
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_pruner, make_sampler, suggest_params
-from pipeline.support.signals import interrupts_at_safe_points
+from pipeline.support.signals import interrupt_reason, interrupts_at_safe_points
 
 
 class PrunerReport:
@@ -141,7 +141,7 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
         trial.set_user_attr(FAIL_REASON_ATTR, e.message)
         raise
     except KeyboardInterrupt as e:  # no result: this trial's place goes to a new trial on resume
-        reason = f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
+        reason = interrupt_reason(e)
         trial.set_user_attr(INTERRUPTED_ATTR, reason)
         mlflow.set_tag(FAILURE_TAG, reason)
         status = "KILLED"
