@@ -87,12 +87,11 @@ def check_entries(entries, model_uri: str) -> None:
     """
     total = 0
     for path, kind, size in entries:
-        if kind == "folder" and path in MODEL_FOLDERS:
-            continue
-        if path not in MODEL_FILES:
+        expected = "folder" if path in MODEL_FOLDERS else "file" if path in MODEL_FILES else None
+        if expected is None:
             raise refused(model_uri, f"it holds {short(path)}, which the project's models do not")
-        if kind != "file":
-            raise refused(model_uri, f"its {path} is a link or not a regular file")
+        if kind != expected:
+            raise refused(model_uri, f"its {path} is a link or not a regular {expected}")
         total += size
         if total > MAX_MODEL_BYTES:
             raise refused(model_uri, f"it holds more than {MAX_MODEL_BYTES // 2**20} MB")
@@ -177,7 +176,7 @@ def mlflow_settings(**values: str):
 
 def check_before_copying(model_uri: str) -> None:
     """Refuse what can be refused before a byte is copied: an unsupported URI, a local folder that is not
-    shaped like a model, a ``models:/`` source (MLflow lists it) holding other files or too many bytes."""
+    shaped like a model, a model whose folder (as MLflow lists it) holds other files or too many bytes."""
     scheme = urlparse(model_uri).scheme
     if not scheme:
         check_folder(Path(model_uri), model_uri)
@@ -185,12 +184,11 @@ def check_before_copying(model_uri: str) -> None:
     if scheme not in MLFLOW_SCHEMES:
         raise PipelineError(f"cannot load model '{model_uri}': {short(scheme + ':')} URIs are not supported; "
                             f"use {URI_FORMS}")
-    if scheme == "models":  # (MLflow 3 lists nothing for a runs:/ URI of a logged model)
-        try:
-            listed = mlflow.artifacts.list_artifacts(artifact_uri=model_uri)
-        except Exception:  # a bad URI: the download below names the problem
-            return
-        check_entries(((f.path, "folder" if f.is_dir else "file", f.file_size or 0) for f in listed), model_uri)
+    try:  # the top of the model's folder (MLflow 3 lists nothing for runs:/<run_id>/<logged model>)
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=model_uri)
+    except Exception:  # a bad URI: the download names the problem
+        return
+    check_entries(((f.path, "folder" if f.is_dir else "file", f.file_size or 0) for f in listed), model_uri)
 
 
 def one_line(e: Exception) -> str:
