@@ -54,13 +54,14 @@ server: $(STAMP)
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE) --serve-artifacts \
 	  --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
 
-# The champion over HTTP (MLflow's scoring server: /ping, /invocations). The server runs `uvicorn`
-# from .venv/bin, which the PATH export above provides. MODEL=models:/<name>/<version> serves another.
+# The champion over HTTP, with MLflow's scoring-server protocol (/ping, /invocations), on 127.0.0.1 and
+# port 5001 (the command's defaults, pipeline/config.py ServeConfig). The model is checked and loaded by
+# the project's own loader (pipeline/steps/serve.py), never by `mlflow models serve`.
+# MODEL=models:/<name>/<version> serves another model, SERVE_PORT=... listens on another port.
 MODEL ?= models:/fashion-mnist-softmax@champion
-SERVE_PORT ?= 5001
+SERVE_PORT ?=
 serve: $(STAMP)
-	MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false $(VENV)/bin/mlflow models serve -m $(MODEL) \
-	  --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
+	$(PY) -m pipeline serve --model-uri $(MODEL) $(if $(SERVE_PORT),--port $(SERVE_PORT))
 
 # Training speed, tuning throughput and memory (bench/); results in bench/results/latest.json
 bench: data

@@ -26,6 +26,7 @@ COMMANDS = {  # command name -> the module of the step that defines it
     "train": "pipeline.steps.train",
     "evaluate": "pipeline.steps.evaluate",
     "predict": "pipeline.steps.predict",
+    "serve": "pipeline.steps.serve",
     "tune": "pipeline.steps.tune",
     "main": "pipeline.steps.main",
     "experiment": "pipeline.steps.experiment",

@@ -99,8 +99,17 @@ class DataInput:
 
 @dataclass(frozen=True)
 class ModelInput:
-    model_uri: str = setting(help="runs:/<id>/model, models:/<name>@<alias>, models:/<name>/<version> or "
-                                  "models:/<model_id>.")
+    model_uri: str = setting(help="runs:/<id>/model, models:/<name>@<alias>, models:/<name>/<version>, "
+                                  "models:/<model_id> or a model folder.")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = setting("127.0.0.1", "Address to listen on: 127.0.0.1 answers this machine only.")
+    port: int = setting(5001, "Port to listen on.", minimum=1, below=65536)
+
+    def validate(self) -> None:
+        check(field_problems(self))
 
 
 # ---------------------------------------------------------------------------------------------------

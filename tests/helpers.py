@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -74,6 +75,15 @@ def stop_process_group(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def make(target: str, env: dict, **variables) -> subprocess.Popen:
+    """`make TARGET` with this venv as the project's venv, never (re)building it (-o: take it as made)."""
+    venv = Path(sys.prefix)
+    args = ["make", "-C", str(REPO), "-o", str(venv / ".installed"), target, f"VENV={venv}",
+            *(f"{k}={v}" for k, v in variables.items())]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # its own process group: make and what it starts stop together
 
 
 @contextlib.contextmanager

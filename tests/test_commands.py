@@ -1,10 +1,7 @@
 """Commands the README gives, run as written from a shell without the venv on PATH."""
 
 import json
-import subprocess
-import sys
 import urllib.request
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -16,18 +13,9 @@ from pipeline.core.splits import array_digest
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.steps.train import train
 from pipeline.support.registry import promote_if_better
-from tests.helpers import REPO, free_port, stop_process_group, wait_for_url
+from tests.helpers import free_port, make, stop_process_group, wait_for_url
 
 FRESH_SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"  # no venv: `uvicorn`, `mlflow` are not found here
-
-
-def make(target: str, env: dict, **variables) -> subprocess.Popen:
-    """`make TARGET` with this venv as the project's venv, never (re)building it (-o: take it as made)."""
-    venv = Path(sys.prefix)
-    args = ["make", "-C", str(REPO), "-o", str(venv / ".installed"), target, f"VENV={venv}",
-            *(f"{k}={v}" for k, v in variables.items())]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # its own process group: make, mlflow, uvicorn stop together
 
 
 @pytest.mark.slow

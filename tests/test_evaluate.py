@@ -1,10 +1,4 @@
-"""Evaluation, registry aliases, predict and serving, on models trained on a slice of the real data."""
-
-import json
-import subprocess
-import sys
-import time
-import urllib.request
+"""Evaluation, registry aliases and predict, on models trained on a slice of the real data."""
 
 import mlflow
 import numpy as np
@@ -22,7 +16,6 @@ from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.train import train
 from pipeline.support.registry import promote_if_better
-from tests.helpers import free_port
 
 
 def train_model(splits, **cfg):
@@ -140,37 +133,3 @@ def test_predict_on_test_split(trained, real_slice):
                                    "--data", str(prepared)])
     assert out.exit_code == 0, out.output
     assert len([line for line in out.output.splitlines() if line.startswith("test[")]) == 3
-
-
-@pytest.mark.slow
-def test_served_champion_answers_like_evaluate(trained, real_slice, subprocess_env):
-    splits = real_slice[0]
-    result, info = trained
-    promote_if_better(info.model_uri, result.best_val_accuracy, val_digest(splits))
-    with mlflow.start_run():
-        expected = evaluate_on_test(f"models:/{MODEL_NAME}@{CHAMPION}", splits)["predictions"]
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@{CHAMPION}",
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"server did not start:\n{server.stdout.read()[-3000:]}")
-                time.sleep(1)
-        images = (splits.test_x[:64] / 255.0).astype(np.float32)[:, None]  # (N, 1, 28, 28) in [0, 1]
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"})
-        answer = json.loads(urllib.request.urlopen(request, timeout=60).read())
-        served = np.asarray(answer["predictions"]).argmax(axis=1)
-        np.testing.assert_array_equal(served, expected[:64])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)

@@ -1,24 +1,36 @@
-"""Hostile models: a pickled model registered as champion is refused by evaluate and predict, unread.
+"""Hostile models and model URIs: refused by every command that loads a model, before anything is read.
 
-The attack is real: a module whose unpickling runs a shell command (creating a marker file), logged with
-MLflow's own API in its pickle format, registered in a real sqlite store under the champion alias. The
-test first proves the model is hostile (plain ``mlflow.pytorch.load_model`` runs the command), then runs
-the project's CLI on it in subprocesses and checks the marker never appears.
+The attacks are real, in a real sqlite store under the champion alias: a module whose unpickling runs a
+shell command, logged with MLflow's own API in its pickle format; and a model saved by MLflow in the
+project's own format whose ``python_function`` flavor then names a loader module the model ships in its
+``code`` folder (what ``mlflow models serve`` imports). Each creates a marker file when MLflow loads it.
+The tests first prove a model is hostile (MLflow's own loader creates the marker), then run the project's
+commands on it in subprocesses and check the marker never appears. System folders (``/usr/lib``,
+``../../etc``) given as a model, directly or as a registered version's source, are refused before a byte
+of them is copied.
 """
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
+from pipeline.core.model import build_model
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.support import safe_models
-from pipeline.support.tracking import load_model
-from tests.fault_helpers import error_line, run_cli, run_statuses
+from pipeline.support.tracking import load_model, log_model, model_signature
+from tests.fault_helpers import error_line, run_cli, run_in_process, run_statuses
+from tests.helpers import free_port, make, stop_process_group
 
 CHAMPION_URI = f"models:/{MODEL_NAME}@{CHAMPION}"
 
@@ -105,3 +117,198 @@ def test_the_projects_own_model_still_loads_with_pickle_disallowed(mlflow_store,
     loaded = load_model(info.model_uri)  # goes through MLflow's check that the pt2 archive holds no pickle
     x = torch.rand(5, 1, 28, 28)
     torch.testing.assert_close(loaded(x), result.model(x))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model that ships the module MLflow's python_function loader imports
+
+
+def save_our_model(folder: Path) -> Path:
+    """A model saved by MLflow exactly as ``tracking.log_model`` logs one (pt2, our signature)."""
+    mlflow.pytorch.save_model(build_model(0), str(folder), signature=model_signature(),
+                              input_example=np.zeros((2, 1, 28, 28), np.float32), pip_requirements=[])
+    return folder
+
+
+def ship_loader_module(folder: Path, marker: Path) -> None:
+    """Point the model's python_function flavor at a module in its own code/ folder, which creates
+    ``marker`` when imported; the pytorch flavor and data/ stay as MLflow wrote them."""
+    (folder / "code").mkdir()
+    (folder / "code" / "hostile_loader.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\n")
+    meta = mlflow.models.Model.load(str(folder))
+    meta.flavors["python_function"].update(loader_module="hostile_loader", code="code")
+    meta.save(str(folder / "MLmodel"))
+
+
+@pytest.fixture
+def code_shipping_champion(mlflow_store, tmp_path):
+    """A model whose python_function flavor imports a module it ships (creating ``marker``), registered
+    as champion; yields the marker."""
+    marker, folder = tmp_path / "pwned-by-code", save_our_model(tmp_path / "hostile")
+    ship_loader_module(folder, marker)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(folder), "model")
+    register_as_champion(f"runs:/{run.info.run_id}/model")
+    assert not marker.exists()
+    return marker
+
+
+@pytest.mark.slow
+def test_the_code_shipping_model_really_runs_its_code_under_plain_mlflow(code_shipping_champion, subprocess_env):
+    # The oracle that the attack is real: MLflow's python_function loader (what `mlflow models serve` uses)
+    # imports the shipped module, with pickle deserialization switched off.
+    code = f"import mlflow\ntry:\n    mlflow.pyfunc.load_model('{CHAMPION_URI}')\nexcept Exception:\n    pass"
+    env = {**subprocess_env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=300, check=True)
+    assert code_shipping_champion.exists()
+
+
+def wait_for_exit(process: subprocess.Popen, seconds: float = 240) -> str:
+    """The output of a process expected to stop by itself; one still running is stopped, and fails."""
+    try:
+        output, _ = process.communicate(timeout=seconds)
+        return output
+    except subprocess.TimeoutExpired:
+        stop_process_group(process)
+        pytest.fail(f"still running after {seconds} s (serving?):\n{process.stdout.read()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_serve_evaluate_and_predict_refuse_the_code_shipping_champion(code_shipping_champion, subprocess_env,
+                                                                      mlflow_store, real_slice):
+    served = make("serve", subprocess_env, SERVE_PORT=free_port())  # the champion, as `make serve` serves it
+    output = wait_for_exit(served)
+    assert served.returncode != 0 and "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "refusing to load model" in errors[0] and "'code'" in errors[0], output
+    assert not code_shipping_champion.exists(), "make serve ran the model's code"
+    prepared = str(real_slice[1])
+    for args in (["evaluate", "--model-uri", CHAMPION_URI, "--data", prepared],
+                 ["predict", "--model-uri", CHAMPION_URI, "--data", prepared, "--test", "3"]):
+        done = run_cli(subprocess_env, *args)
+        line = error_line(done)
+        assert done.returncode == 1 and "refusing to load model" in line and "'code'" in line
+        assert not code_shipping_champion.exists(), f"{args[0]} ran the model's code"
+    assert sum(len(statuses) for statuses in run_statuses(mlflow_store).values()) == 1  # the one that logged it
+
+
+# ---------------------------------------------------------------------------------------------------
+# The allow-list: each change to a model MLflow saved in the project's format is refused, unread
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    folder = save_our_model(tmp_path_factory.mktemp("saved") / "model")
+    load_model(str(folder))  # as MLflow saved it, the project loads it
+    return folder
+
+
+def edit_mlmodel(folder: Path, change) -> None:
+    meta = yaml.safe_load((folder / "MLmodel").read_text())
+    change(meta)
+    (folder / "MLmodel").write_text(yaml.safe_dump(meta))
+
+
+def symlinked_data(folder: Path) -> None:
+    elsewhere = folder.parent / "elsewhere.pt2"
+    (folder / "data" / "model.pt2").rename(elsewhere)
+    (folder / "data" / "model.pt2").symlink_to(elsewhere)
+
+
+def oversized(folder: Path) -> None:
+    with open(folder / "input_example.json", "wb") as f:  # sparse: takes no room on disk
+        f.truncate(safe_models.MAX_MODEL_BYTES + 1)
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda f: edit_mlmodel(f, lambda m: m["flavors"]["python_function"].update(loader_module="this")),
+     "python_function flavor's loader_module is 'this'"),
+    (lambda f: edit_mlmodel(f, lambda m: m["flavors"]["python_function"].update(code="code")),
+     "ships its own code"),
+    (lambda f: edit_mlmodel(f, lambda m: m["flavors"]["python_function"].update(model_code_path="m.py")),
+     "python_function flavor holds what the project does not write"),
+    (lambda f: edit_mlmodel(f, lambda m: m["flavors"].update(sklearn={"pickled_model": "model.pkl"})),
+     "it has a 'sklearn' flavor"),
+    (lambda f: edit_mlmodel(f, lambda m: m.update(env_vars=["AWS_SECRET"])),
+     "MLmodel file has keys the project does not write: ['env_vars']"),
+    (lambda f: (f / "code").mkdir(), "it holds 'code'"),
+    (lambda f: (f / "data" / "extra.pkl").write_bytes(b"x"), "it holds 'data/extra.pkl'"),
+    (symlinked_data, "data/model.pt2 is a link or not a regular file"),
+    (oversized, "it holds more than"),
+])
+def test_a_model_folder_unlike_ours_is_refused(saved_model, tmp_path, change, expected):
+    folder = Path(shutil.copytree(saved_model, tmp_path / "model"))
+    change(folder)
+    with pytest.raises(safe_models.PipelineError, match="refusing to load model") as refusal:
+        load_model(str(folder))
+    assert expected in refusal.value.message
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model URIs: system folders, unsupported schemes
+
+
+def leftovers(tmp: Path) -> list[str]:
+    """What the loader left in the temporary folder (its copies are named model-*)."""
+    return [p.name for p in tmp.glob("model-*")]
+
+
+@pytest.fixture
+def env_with_tmp(subprocess_env, tmp_path):
+    """The child's temporary folder, to see what it copies there and leaves behind."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return {**subprocess_env, "TMPDIR": str(tmp)}, tmp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, relative", [("/usr/lib", False), ("/etc", True)])
+def test_a_system_folder_as_model_uri_is_refused_before_copying(env_with_tmp, mlflow_store, folder, relative):
+    env, tmp = env_with_tmp
+    uri = os.path.relpath(folder) if relative else folder  # relative: ../../../etc from this test's folder
+    done = run_cli(env, "predict", "--model-uri", uri, "--test", "1")
+    assert "it is not an MLflow model folder (it has no MLmodel file)" in error_line(done)
+    assert leftovers(tmp) == []
+
+
+@pytest.mark.slow
+def test_a_registered_version_whose_source_is_a_system_folder_is_refused_before_copying(env_with_tmp,
+                                                                                        mlflow_store):
+    env, tmp = env_with_tmp
+    MlflowClient().create_registered_model(MODEL_NAME)
+    version = MlflowClient().create_model_version(MODEL_NAME, source="/etc").version
+    MlflowClient().set_registered_model_alias(MODEL_NAME, CHAMPION, version)
+    done = run_cli(env, "predict", "--model-uri", CHAMPION_URI, "--test", "1")
+    assert "which the project's models do not" in error_line(done)
+    assert leftovers(tmp) == []
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.1:1/model", "https://example.org/model", "ftp://host/model",
+                                 "s3://bucket/model", "file:///etc"])
+def test_an_unsupported_uri_gets_one_line_naming_the_forms(mlflow_store, uri):
+    line = error_line(run_in_process("predict", "--model-uri", uri, "--test", "1"))
+    assert f"URIs are not supported; use {safe_models.URI_FORMS}" in line and line.count("Error") == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Interrupted while the model is being copied
+
+
+@pytest.mark.slow
+def test_sigterm_while_loading_removes_the_temporary_copy(mlflow_store, env_with_tmp, tmp_path):
+    env, tmp = env_with_tmp
+    folder = save_our_model(tmp_path / "model")
+    # The signal arrives while the checked copy exists: as Ctrl-C would, it unwinds the load.
+    code = textwrap.dedent(f"""
+        import os, signal, time
+        from pipeline.support.safe_models import checked_copy
+        try:
+            with checked_copy({str(folder)!r}):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(60)
+        except KeyboardInterrupt as e:
+            print("interrupted by", e)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout == "interrupted by SIGTERM\n", done.stderr
+    assert leftovers(tmp) == []
