@@ -228,6 +228,10 @@ HOSTILE_FILES = {  # id: (text after line 4, the error line's words)
     "a huge value": ("grid: {lr: [" + "x" * 1_000_000 + "]}\n", "line 5: grid.lr must be a number, got 'xxx"),
     "a huge list": ("seeds: [" + ", ".join(["7"] * 100_000) + "]\n",
                     "line 5: seeds must be a non-empty list of distinct integers, got [7, 7, 7, 7, 7, ...]"),
+    "a 5,000-digit integer": ("grid: {batch_size: [" + "1" * 5000 + "]}\n",
+                              "line 5: grid.batch_size cannot be read: 'Exceeds the limit (4300 digits)"),
+    "a NUL character": ("description: a\0b\n", "is not valid YAML: 'unacceptable character #x0000: special "
+                                                "characters are not allowed'"),
 }
 
 
@@ -255,10 +259,10 @@ def test_an_experiment_name_that_is_no_plain_folder_name_is_refused(mlflow_store
 @pytest.mark.parametrize("text, expected", [
     ("grid: {" + ", ".join(f"{k}: [{', '.join(map(str, range(1, 11)))}]" for k in
                            ("lr", "weight_decay", "batch_size", "patience", "seed", "shuffle_offset")) + "}\n",
-     "line 5: 1,000,000 runs (1,000,000 grid points x 1 seeds) is more than --max-runs 1,000; shrink the grid or "
+     "line 5: 1,000,000 runs (1,000,000 grid points x 1 seed) is more than --max-runs 1,000; shrink the grid or "
      "the seeds, or pass --max-runs 1000000 to run them all"),
     ("seeds: [" + ", ".join(map(str, range(100_000))) + "]\n",
-     "line 5: 100,000 runs (1 grid points x 100,000 seeds) is more than --max-runs 1,000"),
+     "line 5: 100,000 runs (1 grid point x 100,000 seeds) is more than --max-runs 1,000"),
 ], ids=["a million grid points", "100,000 seeds"])
 def test_an_experiment_of_too_many_runs_is_refused_before_it_starts(mlflow_store, fake, tmp_path, text, expected):
     path = experiment_file(tmp_path / "big.yaml", fake, text)
@@ -269,11 +273,11 @@ def test_an_experiment_of_too_many_runs_is_refused_before_it_starts(mlflow_store
 @pytest.mark.slow
 def test_max_runs_raises_the_limit_and_the_runs_are_counted_first(mlflow_store, fake, tmp_path):
     path = experiment_file(tmp_path / "two.yaml", fake, "seeds: [0, 1]\n")
-    assert "2 runs (1 grid points x 2 seeds) is more than --max-runs 1;" in error_line(
+    assert "2 runs (1 grid point x 2 seeds) is more than --max-runs 1;" in error_line(
         run_in_process("experiment", path, "--max-runs", "1"))
     done = run_in_process("experiment", path, "--max-runs", "2")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("[experiment hostile] 2 run(s): 1 grid point(s) x 2 seed(s)\n"), done.stdout
+    assert done.stdout.startswith("[experiment hostile] 2 runs (1 grid point x 2 seeds)\n"), done.stdout
     assert run_statuses(mlflow_store) == {"two": ["FINISHED"], "seed=0": ["FINISHED"], "seed=1": ["FINISHED"]}
 
 

@@ -28,7 +28,7 @@ from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.stability import run_stability
 from pipeline.steps.train import train
 from pipeline.support import tracking
-from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, split_study
+from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, runs_text, split_study
 from pipeline.support.experiments import mark_as_training
 from pipeline.support.params import log_new_params
 
@@ -96,8 +96,7 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     name = spec.name + (SMOKE_SUFFIX if caps.active else "")
     refuse_a_launched_run_elsewhere(name)
     if spec.entry_point != "tune":  # a study says how many trials it runs itself
-        print(f"[experiment {spec.name}] {runs_of(spec)} run(s): {len(spec.grid)} grid point(s) x "
-              f"{max(1, len(spec.seeds))} seed(s)")
+        print(f"[experiment {spec.name}] {runs_text(len(spec.grid), len(spec.seeds))}")
     exp_id = experiment_id(name)
     limits = [n for n in (spec.data.limit, caps.limit) if n]  # 0 means "all images" in both
     data_cfg = dataclasses.replace(spec.data, limit=min(limits, default=0))

@@ -121,7 +121,7 @@ def load_spec(path, max_runs: int = ExperimentOptions.max_runs) -> ExperimentSpe
     except yaml.YAMLError as e:  # the parser's own words, on one line, and where it stopped when it knows
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        said = getattr(e, "problem", None) or str(e)
+        said = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise PipelineError(f"{path}{where} is not valid YAML: {short_repr(said, 200)}")
     if root is None:
         raise PipelineError(f"{path} is empty; see experiments/seed_baseline.yaml for the format")
@@ -168,14 +168,20 @@ def seeds_of(top: dict, params: dict, grids: list, fields: dict, problem: FilePr
     return seeds
 
 
+def runs_text(points: int, seeds: int) -> str:
+    """``6 runs (3 grid points x 2 seeds)``: each point runs once per seed, or once without seeds."""
+    def count(n, noun):
+        return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    return f"{count(points * max(1, seeds), 'run')} ({count(points, 'grid point')} x {count(max(1, seeds), 'seed')})"
+
+
 def check_size(points: int, seeds: int, max_runs: int, top: dict, problem: FileProblem) -> None:
     """Refuse a file that makes more than ``max_runs`` runs, before its grid is expanded."""
     runs = points * max(1, seeds)
     if runs > max_runs:
         where = top["grid"][0] if "grid" in top else top["seeds"][0]
-        raise problem(where, f"{runs:,} runs ({points:,} grid points x {max(1, seeds):,} seeds) is more than "
-                             f"--max-runs {max_runs:,}; shrink the grid or the seeds, or pass --max-runs {runs} "
-                             "to run them all")
+        raise problem(where, f"{runs_text(points, seeds)} is more than --max-runs {max_runs:,}; shrink the grid "
+                             f"or the seeds, or pass --max-runs {runs} to run them all")
 
 
 def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProblem, max_runs: int) -> ExperimentSpec:

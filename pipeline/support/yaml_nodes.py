@@ -119,6 +119,8 @@ def typed_value(node: yaml.Node, expected, problem: FileProblem, what: str):
         value = SafeConstructor().construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as e:  # e.g. a !!python/object tag: never built, refused
         raise problem(node, f"{what}: {short_repr(e.problem, 200)}; only plain YAML values are read")
+    except ValueError as e:  # e.g. an integer of thousands of digits, a date such as 2001-02-30
+        raise problem(node, f"{what} cannot be read: {short_repr(str(e), 100)}")
     try:
         return coerce(value, expected)
     except TypeError:
