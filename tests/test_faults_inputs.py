@@ -244,7 +244,7 @@ def test_hostile_experiment_files_are_one_short_line_and_never_run(mlflow_store,
     assert run_statuses(mlflow_store) == {}
 
 
-@pytest.mark.parametrize("name", ["/etc/evil", "../../../tmp/x", ".hidden", "a/b", "x" * 101, "a b", ""])
+@pytest.mark.parametrize("name", ["/etc/evil", "../../../tmp/x", ".hidden", "-h", "a/b", "x" * 101, "a b", ""])
 def test_an_experiment_name_that_is_no_plain_folder_name_is_refused(mlflow_store, fake, tmp_path, name):
     path = experiment_file(tmp_path / "named.yaml", fake, "", name=name)
     line = error_line(run_in_process("experiment", path))

@@ -35,10 +35,11 @@ from pipeline.support.yaml_nodes import (FileProblem, check_known, compose_plain
                                          typed_value)
 
 TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study", "seeds")
-# The experiment's name becomes a folder (reports/<name>/) and part of an Optuna study's name: letters,
-# digits, '-', '_' and '.', never '/', never a leading '.' (no '..', no hidden folder), and not too long.
+# The experiment's name becomes a folder (reports/<name>/) and a command-line argument (report NAME):
+# letters, digits, '-', '_' and '.', never '/', never a leading '.' (no '..', no hidden folder) or '-' (an
+# option), and not too long.
 NAME_LENGTH = 100
-NAME_PATTERN = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{NAME_LENGTH - 1}}}")
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{NAME_LENGTH - 1}}}")
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def load_spec(path, max_runs: int = ExperimentOptions.max_runs) -> ExperimentSpe
     if not NAME_PATTERN.fullmatch(text["experiment"]):
         raise problem(top["experiment"][1], f"experiment {short_repr(text['experiment'])} is not a usable name: "
                       f"it names the MLflow experiment and its report folder, so use up to {NAME_LENGTH} "
-                      "letters, digits, '-', '_' and '.', not starting with '.'")
+                      "letters, digits, '-', '_' and '.', starting with a letter, a digit or '_'")
     entry_point = text["entry_point"]
     if entry_point not in ENTRY_POINTS:
         raise problem(top["entry_point"][1],
