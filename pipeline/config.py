@@ -9,6 +9,8 @@ This module imports neither torch, MLflow nor Optuna: the ``main`` process reads
 import math
 from dataclasses import MISSING, dataclass, field, fields
 
+from pipeline.errors import short_repr
+
 CLASS_NAMES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle boot",
@@ -43,13 +45,13 @@ def field_problems(config) -> list[str]:
         if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= FLOAT32_MAX):
             problems.append(f"{f.name} must be a finite number within float32's range, got {value}")
         elif "minimum" in meta and value < meta["minimum"]:
-            problems.append(f"{f.name} must be >= {meta['minimum']}{why}, got {value}")
+            problems.append(f"{f.name} must be >= {meta['minimum']}{why}, got {short_repr(value)}")
         elif "above" in meta and not value > meta["above"]:
-            problems.append(f"{f.name} must be > {meta['above']}{why}, got {value}")
+            problems.append(f"{f.name} must be > {meta['above']}{why}, got {short_repr(value)}")
         elif "below" in meta and not value < meta["below"]:
-            problems.append(f"{f.name} must be < {meta['below']}{why}, got {value}")
+            problems.append(f"{f.name} must be < {meta['below']}{why}, got {short_repr(value)}")
         elif "choices" in meta and value not in meta["choices"]:
-            problems.append(f"{f.name} must be one of {', '.join(meta['choices'])}, got {value!r}")
+            problems.append(f"{f.name} must be one of {', '.join(meta['choices'])}, got {short_repr(value)}")
     return problems
 
 
@@ -178,7 +180,7 @@ class TuneConfig:
             problems.append("study_name must not be empty")
         if not (is_journal(self.storage) or "://" in self.storage):
             problems.append(
-                f"storage {self.storage!r} is neither a database URL (sqlite:///optuna.db, "
+                f"storage {short_repr(self.storage)} is neither a database URL (sqlite:///optuna.db, "
                 "postgresql://user@host/db, mysql://user@host/db) nor a journal file "
                 f"({JOURNAL_SCHEME}optuna.log, or a path ending in {' or '.join(JOURNAL_SUFFIXES)})")
         check(problems)
@@ -215,6 +217,11 @@ MAIN_STUDY_ONLY = ("storage", "study_name")
 class ExperimentOptions:
     smoke: bool = setting(False, "Cap epochs, data, trials and steps for a quick check; the runs go to the "
                                  "experiment '<name>-smoke'.")
+    max_runs: int = setting(1000, "Refuse a file whose grid and seeds make more runs than this (a typo in a grid "
+                                  "can make millions); raise it to run a larger file.", minimum=1)
+
+    def validate(self) -> None:
+        check(field_problems(self))
 
 
 @dataclass(frozen=True)
@@ -230,7 +237,7 @@ class StabilityConfig:
     def validate(self) -> None:
         problems = field_problems(self)
         if not self.scales or not all(math.isfinite(s) and s > 0 for s in self.scales):
-            problems.append(f"scales must be a non-empty list of positive numbers, got {list(self.scales)}")
+            problems.append(f"scales must be a non-empty list of positive numbers, got {short_repr(list(self.scales))}")
         check(problems)
 
 
@@ -249,9 +256,10 @@ class ConvexConfig:
     def validate(self) -> None:
         problems = field_problems(self)
         if not self.weight_decays or not all(math.isfinite(w) and w >= 0 for w in self.weight_decays):
-            problems.append(f"weight_decays must be a non-empty list of numbers >= 0, got {list(self.weight_decays)}")
+            problems.append("weight_decays must be a non-empty list of numbers >= 0, got "
+                            f"{short_repr(list(self.weight_decays))}")
         elif len(set(self.weight_decays)) != len(self.weight_decays):
-            problems.append(f"weight_decays lists a value twice: {list(self.weight_decays)}")
+            problems.append(f"weight_decays lists a value twice: {short_repr(list(self.weight_decays))}")
         check(problems)
 
 

@@ -10,6 +10,7 @@ tracking database that cannot be opened) into one such line; the CLI applies it 
 import errno
 import logging
 import os
+import reprlib
 import sqlite3
 
 import click
@@ -21,6 +22,15 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's default store
 
 class PipelineError(click.ClickException):
     pass
+
+
+def short_repr(value, limit: int = 60) -> str:
+    """``repr(value)`` cut short: an error echoes what the user gave, and what the user gave may be
+    huge (a list of a million numbers, a 10 MB string), so every echoed value goes through here."""
+    shortener = reprlib.Repr()  # Python's own bounded repr: 5 items a level, 2 levels, ``limit`` characters
+    shortener.maxlevel, shortener.maxstring, shortener.maxother = 2, limit, limit
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = 5
+    return shortener.repr(value)
 
 
 def causes(error: BaseException):

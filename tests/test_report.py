@@ -13,7 +13,7 @@ from pipeline.config import DataConfig
 from pipeline.core.splits import prepare_splits
 from pipeline.errors import PipelineError
 from pipeline.core.metrics import predict_logits
-from pipeline.names import MODEL_URI_TAG
+from pipeline.names import MODEL_URI_TAG, ROLE_TAG
 from pipeline.steps.experiment import run_experiment
 from pipeline.steps.report import write_report
 from pipeline.support.experiment_file import load_spec
@@ -97,3 +97,15 @@ def test_unknown_and_empty_experiments_are_refused(mlflow_store, tmp_path):
         write_report("nope", tmp_path)
     with pytest.raises(PipelineError, match="experiment 'empty' has no runs"):
         write_report("empty", tmp_path)
+
+
+def test_a_parameter_that_only_left_out_runs_logged_is_not_reported(mlflow_store, tmp_path):
+    # A run the report leaves out (an experiment file's parent, an earlier report) logged lr; the others did not.
+    experiment_id = mlflow.create_experiment("mixed")
+    with mlflow.start_run(experiment_id=experiment_id, run_name="parent", tags={ROLE_TAG: "experiment"}):
+        mlflow.log_param("lr", 0.1)
+    with mlflow.start_run(experiment_id=experiment_id, run_name="compared"):
+        mlflow.log_metric("best_val_accuracy", 0.8)
+    report = write_report("mixed", tmp_path / "reports")
+    assert list(report["table"]["run"]) == ["compared"] and "lr" not in report["table"]
+    assert "Parameters shared by all runs" not in report["markdown"]

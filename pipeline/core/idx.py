@@ -32,38 +32,77 @@ LOCAL_ROOT = Path("data")  # torchvision's layout below it: data/FashionMNIST/ra
 # IDX parsing
 
 
+GZIP_MAGIC = b"\x1f\x8b"
+# Deflate (gzip's compression) expands data at most 1032-fold (zlib's technical notes), so a gzip file
+# of n bytes holds at most 1032 n: a header claiming more is refused before anything is decompressed.
+MAX_DEFLATE_RATIO = 1032
+CHUNK = 1 << 24  # read in 16 MiB pieces: memory follows what the file holds, not what its header claims
+
+
 def read_idx(path: Path) -> np.ndarray:
-    """Read one IDX file (gzipped or not) into a uint8 array, checking everything we can."""
+    """Read one IDX file (gzipped or not) into a uint8 array, checking everything we can.
+
+    Nothing is allocated for what the header merely claims: the claim is checked against what the file
+    can hold first, and at most the claimed bytes (and one more, to see trailing bytes) are decompressed,
+    so a gzip bomb cannot fill the memory.
+    """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            gzipped = file.read(2) == GZIP_MAGIC
+            file.seek(0)
+            size = os.fstat(file.fileno()).st_size
+            if gzipped:
+                with gzip.GzipFile(fileobj=file) as stream:
+                    return parse_idx(path, stream, size, gzipped)
+            return parse_idx(path, file, size, gzipped)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # BadGzipFile is an OSError: caught first
+        raise PipelineError(f"{path}: cannot decompress the file ({e}); is the gzip corrupt?")
     except OSError as e:
         raise PipelineError(f"{path}: cannot read the file ({e.strerror}); check that it exists and is readable")
-    try:
-        if raw[:2] == b"\x1f\x8b":  # gzip magic
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise PipelineError(f"{path}: cannot decompress the file ({e}); is the gzip corrupt?")
-    if len(raw) < 4:
-        raise PipelineError(f"{path}: file is {len(raw)} bytes, too short to be an IDX file")
-    zero, dtype, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
+
+
+def read_at_most(stream, n: int) -> bytes:
+    """Up to ``n`` bytes of ``stream``, fewer where it ends; never asks for more than a chunk at a time."""
+    chunks = []
+    while n > 0 and (chunk := stream.read(min(n, CHUNK))):
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def parse_idx(path: Path, stream, size: int, gzipped: bool) -> np.ndarray:
+    """The IDX array in ``stream``, the content of a file of ``size`` bytes."""
+    head = read_at_most(stream, 4)
+    if len(head) < 4:
+        raise PipelineError(f"{path}: file is {len(head)} bytes, too short to be an IDX file")
+    zero, dtype, ndim = int.from_bytes(head[:2], "big"), head[2], head[3]
     if zero != 0 or dtype != 0x08 or ndim not in (1, 3):
         raise PipelineError(
-            f"{path}: bad magic number 0x{raw[:4].hex()}; expected 0x00000801 (labels) or "
+            f"{path}: bad magic number 0x{head.hex()}; expected 0x00000801 (labels) or "
             "0x00000803 (images) of an unsigned-byte IDX file"
         )
     header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise PipelineError(f"{path}: truncated header ({len(raw)} bytes, need {header})")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = read_at_most(stream, header - 4)
+    if len(dims) < header - 4:
+        raise PipelineError(f"{path}: truncated header ({4 + len(dims)} bytes, need {header})")
+    shape = tuple(int.from_bytes(dims[4 * i: 4 * i + 4], "big") for i in range(ndim))
     expected = header + math.prod(shape)  # Python ints: a huge claimed shape cannot overflow
-    if len(raw) != expected:
-        what = "truncated" if len(raw) < expected else "has trailing bytes"
-        raise PipelineError(
-            f"{path}: file {what}: header says shape {shape} ({expected} bytes) but the file has "
-            f"{len(raw)} bytes"
-        )
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+    def mismatch(has: str, truncated: bool = True) -> PipelineError:
+        return PipelineError(f"{path}: file {'truncated' if truncated else 'has trailing bytes'}: header says "
+                             f"shape {shape} ({expected} bytes) but the file has {has}")
+
+    if not gzipped and size != expected:
+        raise mismatch(f"{size} bytes", truncated=size < expected)
+    if gzipped and expected > size * MAX_DEFLATE_RATIO:
+        raise mismatch(f"{size} bytes of gzip, which decompress to at most {size * MAX_DEFLATE_RATIO} bytes")
+    data = read_at_most(stream, expected - header + 1)  # one byte more than claimed: are there trailing bytes?
+    if header + len(data) < expected:
+        raise mismatch(f"{header + len(data)} bytes")
+    if header + len(data) > expected:
+        raise mismatch("more", truncated=False)
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ a key made of the raw files' bytes and the split settings, so an identical prepa
 
 import hashlib
 import json
+import math
 import os
 import sys
 import zipfile
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import CLASS_NAMES, NUM_CLASSES, DataConfig
+from pipeline.config import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DataConfig
 from pipeline.core.idx import LOCAL_ROOT, locate_raw_files, read_split
 from pipeline.errors import PipelineError
 
@@ -44,13 +45,22 @@ class Splits:
         return {name: int(c) for name, c in zip(CLASS_NAMES, counts)}
 
     def problem(self) -> str | None:
-        """What makes these splits unusable (an empty split, labels not matching images), or None."""
+        """What makes these splits unusable (an empty split, labels not matching images, images that are not
+        28x28 bytes, labels outside 0..9), or None."""
         for split in SPLITS:
             x, y = self.arrays(split)
+            if x.dtype != np.uint8 or x.ndim != 3 or x.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+                return (f"the {split} images are {x.dtype} of shape {x.shape}; expected uint8 of shape "
+                        f"(N, {IMAGE_SIZE}, {IMAGE_SIZE})")
+            if y.dtype != np.int64 or y.ndim != 1:
+                return f"the {split} labels are {y.dtype} of shape {y.shape}; expected int64 of shape (N,)"
             if len(x) != len(y):
                 return f"the {split} split has {len(x)} images but {len(y)} labels"
             if len(y) == 0:
                 return f"the {split} split holds no images"
+            if y.min() < 0 or y.max() >= NUM_CLASSES:
+                bad = int(np.flatnonzero((y < 0) | (y >= NUM_CLASSES))[0])
+                return f"the {split} split has label {y[bad]} at index {bad}, outside 0..{NUM_CLASSES - 1}"
         if len(self.train_y) < MIN_TRAIN_IMAGES:
             return f"the train split holds {len(self.train_y)} image; training needs at least {MIN_TRAIN_IMAGES}"
         return None
@@ -77,6 +87,9 @@ class Splits:
                 "--data with the prepare run's artifact URI (runs:/<run_id>/prepared)"
             )
         try:
+            claimed, size = claimed_bytes(path), path.stat().st_size
+            if claimed > size:  # numpy would allocate what the headers claim before reading a byte
+                raise ValueError(f"its arrays claim {claimed:,} bytes, the file has {size:,}")
             with np.load(path) as f:  # f[k] reads the whole array into memory
                 splits = cls(**{k: f[k] for k in cls.__dataclass_fields__})
         except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile, zlib.error) as e:
@@ -84,6 +97,23 @@ class Splits:
         if splits.problem():
             raise PipelineError(f"{path}: {splits.problem()}; run prepare again")
         return splits
+
+
+def claimed_bytes(path: Path) -> int:
+    """The bytes the arrays of an ``.npz`` file hold by their headers, read without reading the arrays.
+
+    The prepared file is uncompressed, so its arrays cannot hold more bytes than the file itself.
+    """
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) \
+                    else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(member)
+                total += math.prod(shape) * dtype.itemsize
+    return total
 
 
 def stratified_take(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:

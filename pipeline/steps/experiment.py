@@ -15,19 +15,20 @@ from pathlib import Path
 import click
 import mlflow
 from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_RUN_ID
 
-from pipeline.cli import options_from
+from pipeline.cli import make_config, options_from
 from pipeline.config import (ConvexConfig, DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig,
                              TuneConfig)
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import DivergedError, Tensors
-from pipeline.errors import PipelineError
-from pipeline.names import FILE_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SMOKE_TAG
+from pipeline.errors import PipelineError, short_repr
+from pipeline.names import FAILURE_TAG, FILE_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SMOKE_TAG
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.stability import run_stability
 from pipeline.steps.train import train
 from pipeline.support import tracking
-from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, split_study
+from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, runs_text, split_study
 from pipeline.support.experiments import mark_as_training
 from pipeline.support.params import log_new_params
 
@@ -68,6 +69,24 @@ def experiment_id(name: str) -> str:
     return experiment.experiment_id
 
 
+def refuse_a_launched_run_elsewhere(name: str) -> None:
+    """Under ``mlflow run``, the parent run already exists in the experiment ``mlflow run`` was given; the
+    runs of the file must not go to another one, away from their parent. MLflow cannot move a run to
+    another experiment, so the launched run ends FAILED and the message names the option to pass.
+    """
+    run_id = MLFLOW_RUN_ID.get()
+    if not run_id:
+        return
+    client = MlflowClient()
+    launched_in = client.get_experiment(client.get_run(run_id).info.experiment_id).name
+    if launched_in != name:
+        reason = (f"mlflow run recorded this run in experiment {short_repr(launched_in)}, but the file's runs go "
+                  f"to {short_repr(name)}; pass --experiment-name {name} to mlflow run")
+        client.set_tag(run_id, FAILURE_TAG, reason)
+        client.set_terminated(run_id, status="FAILED")
+        raise PipelineError(reason)
+
+
 def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     """Run every grid point (or the study) of ``spec``; returns the parent run id and the child run ids.
 
@@ -75,6 +94,9 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     raises at the end, naming the failed points, so the command exits non-zero.
     """
     name = spec.name + (SMOKE_SUFFIX if caps.active else "")
+    refuse_a_launched_run_elsewhere(name)
+    if spec.entry_point != "tune":  # a study says how many trials it runs itself
+        print(f"[experiment {spec.name}] {runs_text(len(spec.grid), len(spec.seeds))}")
     exp_id = experiment_id(name)
     limits = [n for n in (spec.data.limit, caps.limit) if n]  # 0 means "all images" in both
     data_cfg = dataclasses.replace(spec.data, limit=min(limits, default=0))
@@ -168,9 +190,10 @@ def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path)
 @click.command("experiment")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @options_from(ExperimentOptions)
-def experiment_command(file, smoke):
+def experiment_command(file, **options):
     """Run an experiment file (experiments/*.yaml): every grid point or the study, as MLflow runs."""
-    spec = load_spec(file)  # a bad file fails here, naming the line, before anything runs
-    result = run_experiment(spec, SMOKE if smoke else Caps())
+    opts = make_config(ExperimentOptions, options)
+    spec = load_spec(file, opts.max_runs)  # a bad file fails here, naming the line, before anything runs
+    result = run_experiment(spec, SMOKE if opts.smoke else Caps())
     click.echo(f"{len(result['run_ids'])} run(s) in experiment '{result['experiment']}' (parent run "
                f"{result['parent_run_id']}); compare them: python -m pipeline report {result['experiment']}")

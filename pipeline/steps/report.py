@@ -25,7 +25,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, short_repr
 from pipeline.names import (LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_CURVES, REPORT_FOLDER, ROLE_TAG, SEEDS_CSV,
                             TRIAL_STATE_TAG)
 from pipeline.support import comparisons, figures
@@ -79,7 +79,8 @@ def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFram
     params = [p for p in KEY_PARAMS if f"params.{p}" in runs]
     # A run that lacks a parameter (a tune parent run has no lr of its own) does not make it vary.
     varying = [p for p in params if runs[f"params.{p}"].nunique() > 1]
-    common = {p: runs[f"params.{p}"].dropna().iloc[0] for p in params if p not in varying}
+    given = {p: runs[f"params.{p}"].dropna() for p in params if p not in varying}
+    common = {p: values.iloc[0] for p, values in given.items() if not values.empty}  # empty: only left-out runs had it
     # A tune run logs its best trial's test accuracy as best_test_accuracy instead of an evaluation.
     evaluated = pd.Series([c["evaluated_test_accuracy"] for c in run_curves], index=runs.index, dtype=float)
     table = pd.DataFrame({
@@ -152,9 +153,25 @@ def seeds_section(points: pd.DataFrame, notes: list[str]) -> list[str]:
     return lines + [""] + [f"- {note}" for note in notes] + ([""] if notes else [])
 
 
+def inside(folder: Path, path: Path) -> Path:
+    """``path`` with every link and '..' resolved; refused unless it lies below ``folder``.
+
+    An MLflow experiment may be named anything ('/etc/x', '../../x': the UI takes any name), and a name
+    or a link in the way must never make the report write elsewhere.
+    """
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()) or resolved == folder.resolve():
+        raise PipelineError(f"the report would write {short_repr(str(resolved), 200)}, which is not inside "
+                            f"{folder}: the experiment's name or a link leads out of it; rename the experiment "
+                            "(letters, digits, '-', '_', '.') or remove the link")
+    return resolved
+
+
 def write_report(experiment_name: str, out_root: Path = Path("reports"),
                  reference: str = comparisons.REFERENCE_EXPERIMENT) -> dict:
     """Build the leaderboard and figure, write them under ``out_root/<experiment>/`` and log them."""
+    shown_directory = Path(out_root) / experiment_name
+    directory = inside(Path(out_root), shown_directory)  # before anything is read or recorded
     experiment_id, runs = find_runs(experiment_name)
     client = MlflowClient()
     run_curves = {run_id: curves(client, run_id) for run_id in runs["run_id"]}
@@ -162,19 +179,21 @@ def write_report(experiment_name: str, out_root: Path = Path("reports"),
     points, notes = comparisons.by_point(runs, table), []
     if points is not None and experiment_name != reference:
         notes = comparisons.against_reference(points, runs, reference)
-    directory = Path(out_root) / experiment_name
     directory.mkdir(parents=True, exist_ok=True)
+    written = {name: inside(directory, directory / name) for name in (LEADERBOARD_MD, LEADERBOARD_CSV, SEEDS_CSV,
+                                                                       REPORT_CURVES)}
     markdown = markdown_report(experiment_name, table, common, points, notes)
-    (directory / LEADERBOARD_MD).write_text(markdown)
-    table.to_csv(directory / LEADERBOARD_CSV, index=False)
+    written[LEADERBOARD_MD].write_text(markdown)
+    table.to_csv(written[LEADERBOARD_CSV], index=False)
     if points is not None:
-        points.drop(columns=["_runs"]).to_csv(directory / SEEDS_CSV, index=False)
+        points.drop(columns=["_runs"]).to_csv(written[SEEDS_CSV], index=False)
     figure = figures.accuracy_curves(list(table["run"]), [run_curves[r] for r in table["run_id"]],
                                      f"{experiment_name}: accuracy per epoch")
-    figure.savefig(directory / REPORT_CURVES, dpi=120, bbox_inches="tight")
+    figure.savefig(written[REPORT_CURVES], dpi=120, bbox_inches="tight")
     with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={ROLE_TAG: "report"}) as run:
         mlflow.log_artifacts(str(directory), artifact_path=REPORT_FOLDER)
-    return {"table": table, "points": points, "markdown": markdown, "directory": directory, "run_id": run.info.run_id}
+    return {"table": table, "points": points, "markdown": markdown, "directory": shown_directory,
+            "run_id": run.info.run_id}
 
 
 @click.command("report")

@@ -21,17 +21,25 @@ accepted here without touching this module.
 
 import dataclasses
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConvexConfig, DataConfig, SearchSpace, StabilityConfig, TrainConfig, TuneConfig
-from pipeline.errors import PipelineError
-from pipeline.support.yaml_nodes import FileProblem, check_known, mapping_items, typed_mapping, typed_value
+from pipeline.config import (ConvexConfig, DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig,
+                             TuneConfig)
+from pipeline.errors import PipelineError, short_repr
+from pipeline.support.yaml_nodes import (FileProblem, check_known, compose_plain, mapping_items, typed_mapping,
+                                         typed_value)
 
 TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study", "seeds")
+# The experiment's name becomes a folder (reports/<name>/) and a command-line argument (report NAME):
+# letters, digits, '-', '_' and '.', never '/', never a leading '.' (no '..', no hidden folder) or '-' (an
+# option), and not too long.
+NAME_LENGTH = 100
+NAME_PATTERN = re.compile(rf"[A-Za-z0-9_][A-Za-z0-9_.-]{{0,{NAME_LENGTH - 1}}}")
 
 
 @dataclass(frozen=True)
@@ -62,12 +70,12 @@ def entry_point_fields(entry_point: str) -> dict[str, type]:
     return {f.name: f.type for cls in ENTRY_POINT_CONFIGS[entry_point] for f in dataclasses.fields(cls)}
 
 
-def grid_points(node: yaml.Node, fields: dict[str, type], problem: FileProblem) -> list[tuple[dict, yaml.Node]]:
-    """Expand ``grid`` (a mapping of lists, or a list of them) into one (overrides, node) per run."""
+def grid_values(node: yaml.Node, fields: dict[str, type], problem: FileProblem) -> list[tuple[dict, yaml.Node]]:
+    """``grid`` (a mapping of lists, or a list of them) as (key -> checked list of values, node) per mapping."""
     grids = node.value if isinstance(node, yaml.SequenceNode) else [node]
     if not grids:
         raise problem(node, "grid is an empty list; remove it for a single run")
-    points = []
+    checked = []
     for grid in grids:
         items = mapping_items(grid, problem, "grid")
         check_known(items, list(fields), problem, "grid")
@@ -76,24 +84,46 @@ def grid_points(node: yaml.Node, fields: dict[str, type], problem: FileProblem) 
             if not isinstance(value_node, yaml.SequenceNode) or not value_node.value:
                 raise problem(value_node, f"grid.{key} must be a non-empty list of values, e.g. [0.1, 1.0]")
             values[key] = [typed_value(v, fields[key], problem, f"grid.{key}") for v in value_node.value]
-        points += [(dict(zip(values, combo)), grid) for combo in itertools.product(*values.values())]
-    return points
+        checked.append((values, grid))
+    return checked
+
+
+def point_count(grids: list[tuple[dict, yaml.Node]]) -> int:
+    """How many runs the grid makes (each mapping: every combination), counted without making them."""
+    return sum(math.prod(len(v) for v in values.values()) for values, _ in grids)
+
+
+def grid_points(grids: list[tuple[dict, yaml.Node]]) -> list[tuple[dict, yaml.Node]]:
+    """One (overrides, node) per combination of each mapping's values (scikit-learn's ParameterGrid)."""
+    return [(dict(zip(values, combo)), grid) for values, grid in grids
+            for combo in itertools.product(*values.values())]
 
 
 # ---------------------------------------------------------------------------------------------------
 # The whole file
 
 
-def load_spec(path) -> ExperimentSpec:
-    """Parse and check an experiment file; every problem names the file and the line."""
+def load_spec(path, max_runs: int = ExperimentOptions.max_runs) -> ExperimentSpec:
+    """Parse and check an experiment file; every problem names the file and the line.
+
+    A grid that makes more than ``max_runs`` runs (points times seeds) is refused before it is expanded.
+    """
     path = Path(path)
     try:
-        root = yaml.compose(path.read_text())
+        source = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise PipelineError(f"cannot read experiment file {path}: {e}")
-    except yaml.YAMLError as e:
-        raise PipelineError(f"{path} is not valid YAML: {e}")
+    except UnicodeDecodeError as e:
+        raise PipelineError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            "save it as UTF-8")
     problem = FileProblem(path)
+    try:
+        root = compose_plain(source, problem)
+    except yaml.YAMLError as e:  # the parser's own words, on one line, and where it stopped when it knows
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        said = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise PipelineError(f"{path}{where} is not valid YAML: {short_repr(said, 200)}")
     if root is None:
         raise PipelineError(f"{path} is empty; see experiments/seed_baseline.yaml for the format")
     top = mapping_items(root, problem, "the file")
@@ -103,12 +133,14 @@ def load_spec(path) -> ExperimentSpec:
             raise problem(root, f"missing required key '{key}'")
     text = {k: typed_value(top[k][1], str, problem, k) for k in ("experiment", "entry_point", "description")
             if k in top}
-    if not text["experiment"].strip():
-        raise problem(top["experiment"][1], "experiment (the MLflow experiment name) must not be empty")
+    if not NAME_PATTERN.fullmatch(text["experiment"]):
+        raise problem(top["experiment"][1], f"experiment {short_repr(text['experiment'])} is not a usable name: "
+                      f"it names the MLflow experiment and its report folder, so use up to {NAME_LENGTH} "
+                      "letters, digits, '-', '_' and '.', starting with a letter, a digit or '_'")
     entry_point = text["entry_point"]
     if entry_point not in ENTRY_POINTS:
         raise problem(top["entry_point"][1],
-                      f"unknown entry point '{entry_point}' (known: {', '.join(ENTRY_POINTS)})")
+                      f"unknown entry point {short_repr(entry_point)} (known: {', '.join(ENTRY_POINTS)})")
     fields = entry_point_fields(entry_point)
     data = DataConfig()
     if "data" in top:
@@ -119,10 +151,10 @@ def load_spec(path) -> ExperimentSpec:
                           description=text.get("description", ""), data=data)
     if entry_point == "tune":
         return tune_spec(spec, top, fields, problem, root)
-    return grid_spec(spec, top, fields, problem)
+    return grid_spec(spec, top, fields, problem, max_runs)
 
 
-def seeds_of(top: dict, params: dict, points: list, fields: dict, problem: FileProblem) -> tuple[int, ...]:
+def seeds_of(top: dict, params: dict, grids: list, fields: dict, problem: FileProblem) -> tuple[int, ...]:
     """The ``seeds`` list: distinct integers, and then no ``seed`` in params or grid (it would be ignored)."""
     if "seeds" not in top:
         return ()
@@ -131,20 +163,38 @@ def seeds_of(top: dict, params: dict, points: list, fields: dict, problem: FileP
         raise problem(key_node, f"entry point {top['entry_point'][1].value} has no seed to vary; remove seeds")
     seeds = typed_value(node, tuple[int, ...], problem, "seeds")
     if not seeds or len(set(seeds)) != len(seeds):
-        raise problem(node, f"seeds must be a non-empty list of distinct integers, got {list(seeds)}")
-    if "seed" in params or any("seed" in point for point, _ in points):
+        raise problem(node, f"seeds must be a non-empty list of distinct integers, got {short_repr(list(seeds))}")
+    if "seed" in params or any("seed" in values for values, _ in grids):
         raise problem(key_node, "seed is set in params or grid and seeds lists the seeds; keep one")
     return seeds
 
 
-def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProblem) -> ExperimentSpec:
+def runs_text(points: int, seeds: int) -> str:
+    """``6 runs (3 grid points x 2 seeds)``: each point runs once per seed, or once without seeds."""
+    def count(n, noun):
+        return f"{n:,} {noun}{'' if n == 1 else 's'}"
+    return f"{count(points * max(1, seeds), 'run')} ({count(points, 'grid point')} x {count(max(1, seeds), 'seed')})"
+
+
+def check_size(points: int, seeds: int, max_runs: int, top: dict, problem: FileProblem) -> None:
+    """Refuse a file that makes more than ``max_runs`` runs, before its grid is expanded."""
+    runs = points * max(1, seeds)
+    if runs > max_runs:
+        where = top["grid"][0] if "grid" in top else top["seeds"][0]
+        raise problem(where, f"{runs_text(points, seeds)} is more than --max-runs {max_runs:,}; shrink the grid "
+                             f"or the seeds, or pass --max-runs {runs} to run them all")
+
+
+def grid_spec(spec: ExperimentSpec, top: dict, fields: dict, problem: FileProblem, max_runs: int) -> ExperimentSpec:
     """train/stability: fixed params and an optional grid, every combination checked now, before any run."""
     if "study" in top:
         raise problem(top["study"][0], f"'study' is for entry point tune only; {spec.entry_point} takes "
                       "params and grid")
     params = typed_mapping(top["params"][1], fields, problem, "params") if "params" in top else {}
-    points = grid_points(top["grid"][1], fields, problem) if "grid" in top else [({}, None)]
-    seeds = seeds_of(top, params, points, fields, problem)
+    grids = grid_values(top["grid"][1], fields, problem) if "grid" in top else [({}, None)]
+    seeds = seeds_of(top, params, grids, fields, problem)
+    check_size(point_count(grids), len(seeds), max_runs, top, problem)
+    points = grid_points(grids)
     (cls,) = ENTRY_POINT_CONFIGS[spec.entry_point]
     params_nodes = top.get("params") or top["entry_point"]  # (key, value) where params problems point
     for point, node in points:

@@ -2,7 +2,9 @@
 
 PyYAML's node API (``yaml.compose``) keeps the line of every key and value; these helpers read a mapping
 node as config fields of known types, so a typo or a wrong type is reported as ``file line 7: ...``.
-Only plain YAML is read: ``SafeConstructor`` builds no Python objects from tags such as ``!!python/...``.
+Only plain YAML is read: ``SafeConstructor`` builds no Python objects from tags such as ``!!python/...``,
+and ``compose_plain`` refuses anchors and aliases (a few lines of them expand to billions of values:
+"billion laughs") and deep nesting (composing recurses once per level) before anything is composed.
 """
 
 import difflib
@@ -13,7 +15,9 @@ from pathlib import Path
 import yaml
 from yaml.constructor import SafeConstructor
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, short_repr
+
+MAX_NESTING = 20  # levels of lists and mappings; an experiment file needs 4
 
 
 class FileProblem:
@@ -22,8 +26,28 @@ class FileProblem:
     def __init__(self, path: Path):
         self.path = path
 
-    def __call__(self, node: yaml.Node, message: str) -> PipelineError:
+    def __call__(self, node: yaml.Node | yaml.Event, message: str) -> PipelineError:
         return PipelineError(f"{self.path} line {node.start_mark.line + 1}: {message}")
+
+
+def compose_plain(text: str, problem: FileProblem) -> yaml.Node | None:
+    """The document's node tree, once its events show no anchor, no alias and no deep nesting.
+
+    The events come from PyYAML's parser, which keeps its own stack: a 20,000-deep file is read here
+    without recursion and refused, where composing it would exceed Python's recursion limit.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            raise problem(event, "anchors and aliases (&name, *name) are not read in this file; write each "
+                                 "value out where it is used")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise problem(event, f"lists and mappings nested more than {MAX_NESTING} levels deep")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return yaml.compose(text, Loader=yaml.SafeLoader)
 
 
 def mapping_items(node: yaml.Node, problem: FileProblem, what: str) -> dict[str, tuple[yaml.Node, yaml.Node]]:
@@ -35,7 +59,7 @@ def mapping_items(node: yaml.Node, problem: FileProblem, what: str) -> dict[str,
         if not isinstance(key_node, yaml.ScalarNode):
             raise problem(key_node, f"{what} has a key that is not a plain name")
         if key_node.value in items:
-            raise problem(key_node, f"duplicate key '{key_node.value}' in {what}")
+            raise problem(key_node, f"duplicate key {short_repr(key_node.value)} in {what}")
         items[key_node.value] = (key_node, value_node)
     return items
 
@@ -45,7 +69,7 @@ def check_known(items: dict, known, problem: FileProblem, what: str) -> None:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            raise problem(key_node, f"unknown key '{key}' in {what} ({hint}known: {', '.join(known)})")
+            raise problem(key_node, f"unknown key {short_repr(key)} in {what} ({hint}known: {', '.join(known)})")
 
 
 def type_name(expected) -> str:
@@ -94,11 +118,13 @@ def typed_value(node: yaml.Node, expected, problem: FileProblem, what: str):
     try:
         value = SafeConstructor().construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as e:  # e.g. a !!python/object tag: never built, refused
-        raise problem(node, f"{what}: {e.problem}; only plain YAML values are read")
+        raise problem(node, f"{what}: {short_repr(e.problem, 200)}; only plain YAML values are read")
+    except ValueError as e:  # e.g. an integer of thousands of digits, a date such as 2001-02-30
+        raise problem(node, f"{what} cannot be read: {short_repr(str(e), 100)}")
     try:
         return coerce(value, expected)
     except TypeError:
-        raise problem(node, f"{what} must be {type_name(expected)}, got {value!r}")
+        raise problem(node, f"{what} must be {type_name(expected)}, got {short_repr(value)}")
 
 
 def typed_mapping(node, fields: dict[str, type], problem: FileProblem, what: str) -> dict:
