@@ -253,7 +253,6 @@ def test_sigterm_to_main_stops_its_step_and_ends_both_runs_killed(moment, real_d
         time.sleep(0.05)
     main.send_signal(signal.SIGTERM)
     output = main.communicate(timeout=120)[0]
-    assert main.returncode == 128 + signal.SIGTERM, output
     assert not step.is_running(), "the train step was left running without its main"
 
     runs = {r.data.tags.get("mlflow.project.entryPoint"): r for r in
@@ -263,3 +262,4 @@ def test_sigterm_to_main_stops_its_step_and_ends_both_runs_killed(moment, real_d
                                   filter_string="attributes.run_name = 'main'")[0]
     assert main_run.info.status == "KILLED" and "SIGTERM" in main_run.data.tags[FAILURE_TAG]
     assert runs_still_running() == []
+    assert main.returncode == 128 + signal.SIGTERM, output  # as the shell reports a process a signal stopped
