@@ -45,8 +45,6 @@ class LazyGroup(click.Group):
             try:
                 return self.invoke_command(ctx)
             except KeyboardInterrupt as e:
-                signals.ignore_further_interrupts()  # the clean-up below is not cut short
-                signals.end_launched_run_killed(e)
                 raise signals.stopped_by(e) from None
 
     def invoke_command(self, ctx):

@@ -6,8 +6,9 @@ The CLI makes SIGTERM act like Ctrl-C for every command, from before it imports 
 - at safe points (``interrupts_at_safe_points``): the signal is noted when it comes and raised where no
   store write is under way. For commands that write to their stores while they work: ``train``,
   ``tune`` and its workers, ``experiment``;
-- at once (``interrupts_raise_keyboard_interrupt``): for commands that mostly read or wait, such as
-  ``main``, which waits for its step's process (MLflow stops the step when its wait is interrupted).
+- at once (``interrupts_raise_keyboard_interrupt``): for commands that mostly read or wait: ``prepare``,
+  ``evaluate``, ``report``, and ``main``, which waits for its step's process (MLflow stops the step
+  when that wait is interrupted).
 
 Either way ``runs_end_killed_on_interrupt`` then ends every active run KILLED, the reason as its tag
 ``pipeline.failure``, and the CLI prints one line (``stopped_by``). Trials end their own runs
@@ -15,7 +16,6 @@ Either way ``runs_end_killed_on_interrupt`` then ends every active run KILLED, t
 """
 
 import contextlib
-import os
 import signal
 import threading
 
@@ -71,10 +71,8 @@ def ignore_further_interrupts() -> None:
 
 @contextlib.contextmanager
 def interrupts_raise_keyboard_interrupt():
-    """Make SIGTERM act like Ctrl-C, and ignore further signals while the interrupted command closes.
-
-    Optuna marks a trial FAIL when its objective sees KeyboardInterrupt, and the runs end KILLED.
-    """
+    """Make SIGTERM act like Ctrl-C: either raises KeyboardInterrupt at once, naming the signal; further
+    ones are ignored while the interrupted command closes."""
     def interrupt_once(signum, frame):
         ignore_further_interrupts()
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -150,22 +148,6 @@ def end_active_runs_killed(reason: str) -> None:
             mlflow.set_tag(FAILURE_TAG, reason)
         finally:
             mlflow.end_run("KILLED")
-
-
-def end_launched_run_killed(e: KeyboardInterrupt) -> None:
-    """End KILLED the run ``mlflow run`` (or ``main``) opened for this command, if it is still RUNNING: a
-    command interrupted while it was starting never took it over, and MLflow would mark it FAILED."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if not run_id:
-        return
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    if client.get_run(run_id).info.status == "RUNNING":
-        try:
-            client.set_tag(run_id, FAILURE_TAG, interrupt_reason(e))
-        finally:
-            client.set_terminated(run_id, status="KILLED")
 
 
 @contextlib.contextmanager
