@@ -74,7 +74,8 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
 
     A grid point whose training diverges ends as a FAILED run and the others still run; the call
     raises at the end, naming the failed points, so the command exits non-zero. Ctrl-C and SIGTERM end
-    the parent run and the point's run KILLED, after the epoch under way (``support.signals``).
+    the parent run and the point's run KILLED at the next safe point (``support.signals``): after the
+    epoch under way, or when a convex-optimum or stability point ends (they compute, then write).
     """
     name = spec.name + (SMOKE_SUFFIX if caps.active else "")
     exp_id = experiment_id(name)
