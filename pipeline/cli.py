@@ -38,6 +38,17 @@ RECORD_IN_PROJECT_EXPERIMENT = {"prepare", "train", "evaluate", "tune", "main"}
 
 class LazyGroup(click.Group):
     def invoke(self, ctx):
+        # SIGTERM acts like Ctrl-C, from before the command imports anything heavy; an interrupted
+        # command has ended its runs KILLED, and says so in one line (pipeline.support.signals)
+        from pipeline.support import signals
+
+        with signals.interrupts_raise_keyboard_interrupt():
+            try:
+                return self.invoke_command(ctx)
+            except KeyboardInterrupt as e:
+                raise signals.stopped_by(e) from None
+
+    def invoke_command(self, ctx):
         # A full disk or an unwritable store is the machine's fault, not a bug: one line, not a traceback.
         # (Raised inside ``mlflow.start_run``, it has already ended the run FAILED if the store could.)
         try:

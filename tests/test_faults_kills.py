@@ -217,26 +217,49 @@ def step_process(main_pid: int, entry_point: str) -> psutil.Process | None:
     return None
 
 
+def catches(process: psutil.Process, signum: int) -> bool:
+    """Whether the process has set a handler of its own for the signal (Linux: /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:  # ended meanwhile
+        return False
+    return bool(int(status.split("SigCgt:")[1].split()[0], 16) & (1 << (signum - 1)))
+
+
+def epoch_logged_by_step(entry_point: str) -> bool:
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.`mlflow.project.entryPoint` = '{entry_point}'")
+    return any("val_accuracy" in r.data.metrics for r in runs)
+
+
 @pytest.mark.slow
-def test_sigterm_to_main_stops_its_step_and_ends_both_runs(real_data_dir, subprocess_env, mlflow_store):
+@pytest.mark.parametrize("moment", ["starting", "training"])
+def test_sigterm_to_main_stops_its_step_and_ends_both_runs_killed(moment, real_data_dir, subprocess_env,
+                                                                  mlflow_store):
+    """The train step is stopped while it starts (its handlers set, PyTorch still being imported: it has not
+    taken over the run MLflow opened for it) or after it has trained an epoch."""
     long_training = ["--epochs", "100000", "--patience", "0"]
     main = subprocess.Popen(main_command(real_data_dir) + long_training, env=subprocess_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline, step = time.monotonic() + 180, None
     while step is None and time.monotonic() < deadline:  # the train step's process, a child of main
         step = step_process(main.pid, "train")
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert step is not None, "main never started its train step"
-    time.sleep(3)  # into its training
+    ready = (lambda: catches(step, signal.SIGTERM)) if moment == "starting" else \
+        (lambda: epoch_logged_by_step("train"))
+    while not ready():
+        assert main.poll() is None and time.monotonic() < deadline, f"the train step never got to {moment}"
+        time.sleep(0.05)
     main.send_signal(signal.SIGTERM)
     output = main.communicate(timeout=120)[0]
-    assert main.returncode != 0, output
     assert not step.is_running(), "the train step was left running without its main"
 
     runs = {r.data.tags.get("mlflow.project.entryPoint"): r for r in
             mlflow.search_runs(search_all_experiments=True, output_format="list")}
-    assert runs["train"].info.status in ("FAILED", "KILLED")
+    assert runs["train"].info.status == "KILLED" and "SIGTERM" in runs["train"].data.tags[FAILURE_TAG]
     main_run = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string="attributes.run_name = 'main'")[0]
     assert main_run.info.status == "KILLED" and "SIGTERM" in main_run.data.tags[FAILURE_TAG]
     assert runs_still_running() == []
+    assert main.returncode == 128 + signal.SIGTERM, output  # as the shell reports a process a signal stopped

@@ -14,7 +14,7 @@ from pipeline.config import SearchSpace, TuneConfig
 from pipeline.names import FAILURE_TAG, RUN_ID_ATTR
 from pipeline.support.optuna_storage import open_storage
 from pipeline.support.signals import (held_during_write, interrupts_at_safe_points,
-                                      interrupts_raise_keyboard_interrupt)
+                                      interrupts_raise_keyboard_interrupt, runs_killed_at_safe_points)
 from pipeline.support.trials import work_on_study
 
 
@@ -49,6 +49,31 @@ def test_a_held_signal_goes_to_the_handler_in_force():
             interrupted()  # the safe point raises it
             reached.append("after the safe point")
     assert reached == ["after the write"]
+
+
+def test_a_signal_noted_before_a_nested_block_began_stops_it_at_its_first_safe_point():
+    """The tune command notes a signal while it loads its data; the trials' own block must still see it."""
+    reached = []
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        with interrupts_at_safe_points():
+            os.kill(os.getpid(), signal.SIGTERM)  # noted by the outer block
+            with interrupts_at_safe_points() as interrupted:
+                interrupted()
+                reached.append("a first trial")
+    assert reached == []
+
+
+def test_an_interrupt_ends_the_nested_run_and_its_parent_killed(mlflow_store):
+    """As an experiment file's parent run and the grid point it trains: neither ends FAILED."""
+    with pytest.raises(KeyboardInterrupt):
+        with mlflow.start_run() as parent, runs_killed_at_safe_points():
+            with mlflow.start_run(nested=True) as child, runs_killed_at_safe_points() as interrupted:
+                os.kill(os.getpid(), signal.SIGINT)
+                interrupted()
+    for run in (parent, child):
+        ended = mlflow.get_run(run.info.run_id)
+        assert (ended.info.status, ended.data.tags[FAILURE_TAG]) == ("KILLED", "interrupted (SIGINT)")
+    assert mlflow.active_run() is None
 
 
 def test_nothing_is_raised_without_a_signal():

@@ -24,6 +24,7 @@ from pipeline.names import (CONFUSION_FIGURE, MISTAKES_FIGURE, PER_CLASS_CSV, PE
                             TEST_PREDICTIONS)
 from pipeline.support import figures, tracking
 from pipeline.support.params import log_new_params
+from pipeline.support.signals import runs_killed_at_once
 
 
 def evaluate_on_test(model_uri: str, splits: Splits, model: torch.nn.Module | None = None) -> dict:
@@ -63,7 +64,7 @@ def log_predictions(splits: Splits, y_pred: np.ndarray) -> None:
 def evaluate_command(model_uri, data):
     """Evaluate a logged model on the untouched test split."""
     model = tracking.load_model(model_uri)  # a bad URI fails here, before a run is opened
-    with mlflow.start_run(run_name="evaluate"):
+    with mlflow.start_run(run_name="evaluate"), runs_killed_at_once():
         log_new_params({"model_uri": model_uri, "data": data})
         result = evaluate_on_test(model_uri, tracking.load_data(data), model)
     accuracy = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"],

@@ -31,6 +31,7 @@ from pipeline.support import tracking
 from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, runs_text, split_study
 from pipeline.support.experiments import mark_as_training
 from pipeline.support.params import log_new_params
+from pipeline.support.signals import runs_killed_at_safe_points
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,9 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     """Run every grid point (or the study) of ``spec``; returns the parent run id and the child run ids.
 
     A grid point whose training diverges ends as a FAILED run and the others still run; the call
-    raises at the end, naming the failed points, so the command exits non-zero.
+    raises at the end, naming the failed points, so the command exits non-zero. Ctrl-C and SIGTERM end
+    the parent run and the point's run KILLED at the next safe point (``support.signals``): after the
+    epoch under way, or when a convex-optimum or stability point ends (they compute, then write).
     """
     name = spec.name + (SMOKE_SUFFIX if caps.active else "")
     refuse_a_launched_run_elsewhere(name)
@@ -101,8 +104,9 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
     limits = [n for n in (spec.data.limit, caps.limit) if n]  # 0 means "all images" in both
     data_cfg = dataclasses.replace(spec.data, limit=min(limits, default=0))
     splits, prepared_path, info = prepare_splits(data_cfg)
-    with mlflow.start_run(experiment_id=exp_id, run_name=Path(spec.path).stem, description=spec.description,
-                          tags={ROLE_TAG: "experiment", FILE_TAG: spec.path, SMOKE_TAG: caps.active}) as parent:
+    with (mlflow.start_run(experiment_id=exp_id, run_name=Path(spec.path).stem, description=spec.description,
+                           tags={ROLE_TAG: "experiment", FILE_TAG: spec.path, SMOKE_TAG: caps.active}) as parent,
+          runs_killed_at_safe_points() as interrupted):
         mlflow.log_artifact(spec.path)
         log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point,
                                  "runs": runs_of(spec), **{f"cap_{k}": v for k, v in
@@ -110,7 +114,7 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
         if spec.entry_point == "tune":
             children, failed = [run_tune(spec, caps, exp_id, prepared_path)], []
         else:
-            children, failed = run_grid(spec, caps, exp_id, splits, data_cfg, info["source"])
+            children, failed = run_grid(spec, caps, exp_id, splits, data_cfg, info["source"], interrupted)
         mlflow.log_metrics({"runs_finished": len(children) - len(failed), "runs_failed": len(failed)})
     if failed:
         raise PipelineError(f"{len(failed)} of {len(children)} runs failed ({'; '.join(failed)}); the "
@@ -131,19 +135,25 @@ def seeded_points(spec: ExperimentSpec) -> list[tuple[dict, dict]]:
         else [(point, point) for point in spec.grid]
 
 
-def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: DataConfig, source: str):
-    """One nested run per grid point (and seed); returns the run ids and a description of each failed one."""
+def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: DataConfig, source: str,
+             interrupted=lambda: None):
+    """One nested run per grid point (and seed); returns the run ids and a description of each failed one.
+
+    ``interrupted``: the safe point (``signals.runs_killed_at_safe_points``), checked before each point
+    and after each epoch."""
     tensors = Tensors.from_splits(splits)  # converted once, shared by every run
     run_ids, failed = [], []
     runs = seeded_points(spec)
     for i, (grid_point, point) in enumerate(runs, start=1):
+        interrupted()
         name = point_name(point) or spec.name
         print(f"[experiment {spec.name}] run {i}/{len(runs)}: {name}")
         tags = {FILE_TAG: spec.path, POINT_TAG: json.dumps(grid_point)}
         if spec.seeds:
             tags[SEED_TAG] = point["seed"]
         try:
-            with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=tags) as run:
+            with (mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True, tags=tags) as run,
+                  runs_killed_at_safe_points()):
                 run_ids.append(run.info.run_id)
                 log_new_params(dataclasses.asdict(data_cfg))
                 tracking.log_datasets(splits, source)
@@ -155,7 +165,7 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
                     run_stability(cfg, splits, tensors)
                 else:
                     cfg = capped(TrainConfig(**spec.params, **point), caps, epochs=caps.max_epochs)
-                    _, model_info = train(cfg, splits, tensors=tensors)
+                    _, model_info = train(cfg, splits, tensors=tensors, on_epoch=lambda metrics: interrupted())
                     evaluate_on_test(model_info.model_uri, splits)  # the kept (best val) model on test
         except DivergedError as e:  # the run has ended FAILED with the reason as a tag; go on
             failed.append(f"{name}: {e.message}")

@@ -37,7 +37,7 @@ from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL
 from pipeline.support.delivery import record_delivered
 from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
-from pipeline.support.signals import interrupt_reason, interrupts_raise_keyboard_interrupt
+from pipeline.support.signals import interrupt_reason, runs_killed_at_once
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -156,10 +156,28 @@ def reuse_or_launch(entry_point: str, params: dict, force: bool, experiment_id: 
                                             env_manager="local", experiment_id=experiment_id)
         except ExecutionException as e:
             raise PipelineError(f"step '{entry_point}' failed: {e}; its output is above")
+        except KeyboardInterrupt as e:
+            step_run_killed(experiment_id, entry_point, interrupt_reason(e))
+            raise
         run_id = submitted.run_id
         MlflowClient().set_tag(run_id, CODE_VERSION_TAG, version)
     mlflow.set_tags({STEP_TAG.format(entry_point): run_id, STEP_TAG.format(entry_point) + ".reused": reused is not None})
     return MlflowClient().get_run(run_id)
+
+
+def step_run_killed(experiment_id: str, entry_point: str, reason: str) -> None:
+    """End the interrupted step's run KILLED, as the step itself did (or would have, had it started).
+
+    MLflow, having stopped the step, marks its run FAILED over what the step recorded (mlflow.projects
+    compares the run's status, a string, with RunStatus's numbers, so it never sees that the run ended).
+    """
+    client = MlflowClient()
+    for run in client.search_runs([experiment_id], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{mlflow.active_run().info.run_id}' and "
+            f"tags.`mlflow.project.entryPoint` = '{entry_point}' and attributes.status != 'FINISHED'")):
+        if FAILURE_TAG not in run.data.tags:  # stopped before it could say why
+            client.set_tag(run.info.run_id, FAILURE_TAG, reason)
+        client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
@@ -227,15 +245,10 @@ def main_command(**options):
     data, train = make_config(DataConfig, options), make_config(TrainConfig, options)
     cfg = make_config(MainConfig, options)
     refuse_idle_settings(given, cfg.trials)
-    # SIGTERM acts like Ctrl-C: MLflow then stops the running step (and fails its run), and main's
-    # run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
-    with interrupts_raise_keyboard_interrupt(), mlflow.start_run(run_name="main"):
-        try:
-            result = run_main(data, train, cfg)
-        except KeyboardInterrupt as e:
-            mlflow.set_tag(FAILURE_TAG, interrupt_reason(e))
-            mlflow.end_run("KILLED")
-            raise
+    # SIGTERM acts like Ctrl-C, at once: MLflow then stops the running step (which ends its run KILLED),
+    # and main's run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
+    with mlflow.start_run(run_name="main"), runs_killed_at_once():
+        result = run_main(data, train, cfg)
     test = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"], result["test_accuracy_ci_high"]) \
         if "test_accuracy_ci_low" in result else f"{result['test_accuracy']:.4f}"
     click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {test}; "

@@ -16,6 +16,7 @@ from pipeline.core.splits import SPLITS, Splits, prepare_splits
 from pipeline.names import CACHE_KEY_TAG, CACHE_REUSED_TAG, CLASS_COUNTS, PREPARED_ARTIFACT, SAMPLES_FIGURE
 from pipeline.support import figures, tracking
 from pipeline.support.params import log_new_params
+from pipeline.support.signals import runs_killed_at_once
 
 
 def prepare(cfg: DataConfig) -> Splits:
@@ -37,7 +38,7 @@ def prepare(cfg: DataConfig) -> Splits:
 def prepare_command(**options):
     """Find, validate and split the data; log it to MLflow."""
     cfg = make_config(DataConfig, options)
-    with mlflow.start_run(run_name="prepare") as run:
+    with mlflow.start_run(run_name="prepare") as run, runs_killed_at_once():
         splits = prepare(cfg)
     sizes = ", ".join(f"{s} {len(splits.arrays(s)[1])}" for s in SPLITS)
     click.echo(f"prepared {sizes}; data URI: runs:/{run.info.run_id}/{PREPARED_ARTIFACT}")

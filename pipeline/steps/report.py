@@ -29,6 +29,7 @@ from pipeline.errors import PipelineError, short_repr
 from pipeline.names import (LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_CURVES, REPORT_FOLDER, ROLE_TAG, SEEDS_CSV,
                             TRIAL_STATE_TAG)
 from pipeline.support import comparisons, figures
+from pipeline.support.signals import runs_killed_at_once
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
 EVALUATION_STEP = 0  # evaluate_on_test logs without a step; the test curve's steps are the epochs 1..N
@@ -190,7 +191,8 @@ def write_report(experiment_name: str, out_root: Path = Path("reports"),
     figure = figures.accuracy_curves(list(table["run"]), [run_curves[r] for r in table["run_id"]],
                                      f"{experiment_name}: accuracy per epoch")
     figure.savefig(written[REPORT_CURVES], dpi=120, bbox_inches="tight")
-    with mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={ROLE_TAG: "report"}) as run:
+    with (mlflow.start_run(experiment_id=experiment_id, run_name="report", tags={ROLE_TAG: "report"}) as run,
+          runs_killed_at_once()):
         mlflow.log_artifacts(str(directory), artifact_path=REPORT_FOLDER)
     return {"table": table, "points": points, "markdown": markdown, "directory": shown_directory,
             "run_id": run.info.run_id}

@@ -19,7 +19,7 @@ from pipeline.core.training import DivergedError, FitResult, Tensors, fit
 from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
 from pipeline.support import figures, tracking
 from pipeline.support.params import log_new_params
-from pipeline.support.signals import held_during_write
+from pipeline.support.signals import held_during_write, runs_killed_at_safe_points
 
 
 def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
@@ -82,9 +82,10 @@ def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
 def train_command(data, **options):
     """Train the softmax regression and log curves and the model."""
     cfg = make_config(TrainConfig, options)
-    with mlflow.start_run(run_name="train") as run:
+    # Ctrl-C and SIGTERM end the run KILLED after the epoch under way (support.signals)
+    with mlflow.start_run(run_name="train") as run, runs_killed_at_safe_points() as interrupted:
         log_new_params({"data": data})
         splits = tracking.load_data(data)
-        result, model_info = train(cfg, splits)
+        result, model_info = train(cfg, splits, on_epoch=lambda metrics: interrupted())
     click.echo(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
                f"model: {model_info.model_uri} (runs:/{run.info.run_id}/{model_info.name})")

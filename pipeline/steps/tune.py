@@ -29,7 +29,7 @@ from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.optuna_storage import open_storage, open_study, printable_url
 from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
-from pipeline.support.signals import interrupts_raise_keyboard_interrupt
+from pipeline.support.signals import runs_killed_at_safe_points
 from pipeline.support.study_record import describe, log_figures, log_trials_table, record_best
 from pipeline.support.workers import run_workers
 
@@ -48,13 +48,14 @@ def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
 def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna.Study:
     """Run (or resume) the study, record it on the active MLflow run, test and register the best.
 
-    Called inside ``mlflow.start_run()`` like the other steps (one is opened if none is active).
+    Called inside ``mlflow.start_run()`` like the other steps (one is opened if none is active). Ctrl-C
+    and SIGTERM fail the running trials and end every active run KILLED (``support.signals``).
     """
     tune_cfg.validate()
     space.validate()
     own_run = (mlflow.start_run(run_name="tune", log_system_metrics=True) if mlflow.active_run() is None
                else contextlib.nullcontext())
-    with own_run, interrupts_raise_keyboard_interrupt():
+    with own_run, runs_killed_at_safe_points():
         parent = mlflow.active_run().info
         owners.claim_active_run()  # if this process is killed, the next command ends this run
         log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),

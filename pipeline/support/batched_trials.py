@@ -102,10 +102,12 @@ def end_run(member: Running, state: TrialState, status: str, reason: str | None 
     if member.run_id is None:
         return
     client = MlflowClient()
-    client.set_tag(member.run_id, TRIAL_STATE_TAG, state.name)
-    if reason:
-        client.set_tag(member.run_id, FAILURE_TAG, reason)
-    client.set_terminated(member.run_id, status=status)
+    try:
+        client.set_tag(member.run_id, TRIAL_STATE_TAG, state.name)
+        if reason:
+            client.set_tag(member.run_id, FAILURE_TAG, reason)
+    finally:  # a tag that cannot be written must not leave the run RUNNING
+        client.set_terminated(member.run_id, status=status)
 
 
 def complete(study, member: Running, result: FitResult, splits: Splits) -> None:

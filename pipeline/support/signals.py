@@ -1,12 +1,26 @@
-"""Signals: SIGTERM acts like Ctrl-C, so that a stopped command still ends its runs and trials properly.
+"""Signals: SIGTERM acts like Ctrl-C, and an interrupted command ends its MLflow runs KILLED.
 
-Used by ``tune`` (the interrupted trials are failed and their runs ended) and ``main`` (the running step
-is stopped too, and both runs end). Imports nothing heavy: ``main`` stays free of PyTorch.
+The CLI makes SIGTERM act like Ctrl-C for every command, from before it imports anything heavy
+(``pipeline.cli``). Within a command an interrupt is taken in one of two ways:
+
+- at safe points (``interrupts_at_safe_points``): the signal is noted when it comes and raised where no
+  store write is under way. For commands that write to their stores while they work: ``train``,
+  ``tune`` and its workers, ``experiment``;
+- at once (``interrupts_raise_keyboard_interrupt``): for commands that mostly read or wait: ``prepare``,
+  ``evaluate``, ``report``, and ``main``, which waits for its step's process (MLflow stops the step
+  when that wait is interrupted).
+
+Either way ``runs_end_killed_on_interrupt`` then ends every active run KILLED, the reason as its tag
+``pipeline.failure``, and the CLI prints one line (``stopped_by``). Trials end their own runs
+(``pipeline.support.trials``, ``batched_trials``). Imports nothing heavy (MLflow only when a run ends).
 """
 
 import contextlib
 import signal
 import threading
+
+from pipeline.errors import PipelineError
+from pipeline.names import FAILURE_TAG
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
@@ -36,6 +50,19 @@ def interrupt_reason(e: KeyboardInterrupt) -> str:
     return f"interrupted ({e.args[0] if e.args else 'Ctrl-C'})"
 
 
+def exit_status(e: KeyboardInterrupt) -> int:
+    """The shell's exit status for a process stopped by the signal: 128 + its number (130 for Ctrl-C)."""
+    name = e.args[0] if e.args and e.args[0] in signal.Signals.__members__ else "SIGINT"
+    return 128 + signal.Signals[name]
+
+
+def stopped_by(e: KeyboardInterrupt) -> PipelineError:
+    """The one line an interrupted command ends with (in place of click's bare "Aborted!")."""
+    error = PipelineError(f"{interrupt_reason(e)}; the runs it had open ended KILLED, what had finished is kept")
+    error.exit_code = exit_status(e)
+    return error
+
+
 def ignore_further_interrupts() -> None:
     """After the first interrupt: a second Ctrl-C or a SIGTERM would cut the clean-up of the first short."""
     for s in INTERRUPTS:
@@ -44,16 +71,29 @@ def ignore_further_interrupts() -> None:
 
 @contextlib.contextmanager
 def interrupts_raise_keyboard_interrupt():
-    """Make SIGTERM act like Ctrl-C, and ignore further signals while the interrupted command closes.
-
-    Optuna marks a trial FAIL when its objective sees KeyboardInterrupt, and the runs end KILLED.
-    """
+    """Make SIGTERM act like Ctrl-C: either raises KeyboardInterrupt at once, naming the signal; further
+    ones are ignored while the interrupted command closes."""
     def interrupt_once(signum, frame):
         ignore_further_interrupts()
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
     with interrupts_handled_by(interrupt_once):
         yield
+
+
+noted: list[str] = []  # the signals noted since the outermost interrupts_at_safe_points block began
+
+
+def note(signum, frame) -> None:
+    """The handler at safe points: note the signal (a second one too: it is never raised, so it cannot
+    cut the clean-up of the first short)."""
+    noted.append(signal.Signals(signum).name)
+
+
+def check() -> None:
+    """A safe point: raise KeyboardInterrupt if Ctrl-C or SIGTERM has come."""
+    if noted:
+        raise KeyboardInterrupt(noted[0])
 
 
 @contextlib.contextmanager
@@ -65,20 +105,20 @@ def interrupts_at_safe_points():
     the middle of a write can leave a sqlite transaction open, so that the clean-up that ends the
     trial's run finds the database locked, or break Optuna's journal-file lock, whose release then
     raises FileNotFoundError in the interrupt's place (and the trial's run ends FAILED, not KILLED).
+
+    Blocks nest: one inside another (``tune``'s workers inside the ``tune`` command, a study inside an
+    experiment) shares its notes, so that a signal noted before the inner block began still stops it.
     """
-    arrived = []
-
-    def note(signum, frame):
-        arrived.append(signal.Signals(signum).name)
-        ignore_further_interrupts()
-
-    def check() -> None:
-        if arrived:
-            raise KeyboardInterrupt(arrived[0])
-
-    with interrupts_handled_by(note):
+    if signal.getsignal(signal.SIGINT) is note:  # inside another such block: its handlers and notes serve
         yield check
-    check()  # one that came after the last safe point still stops the command
+        return
+    noted.clear()
+    try:
+        with interrupts_handled_by(note):
+            yield check
+            check()  # one that came after the last safe point still stops the command
+    finally:
+        noted.clear()  # (the KeyboardInterrupt on its way out carries the signal's name)
 
 
 @contextlib.contextmanager
@@ -96,3 +136,45 @@ def held_during_write():
     finally:
         if arrived:
             signal.raise_signal(arrived[0])
+
+
+def end_active_runs_killed(reason: str) -> None:
+    """End every active MLflow run of this process KILLED, innermost first, with ``reason`` as its tag;
+    a tag that cannot be written does not keep the run from ending."""
+    import mlflow
+
+    while mlflow.active_run() is not None:
+        try:
+            mlflow.set_tag(FAILURE_TAG, reason)
+        finally:
+            mlflow.end_run("KILLED")
+
+
+@contextlib.contextmanager
+def runs_end_killed_on_interrupt():
+    """On KeyboardInterrupt inside the block, end every active run KILLED with the reason, then let it go on.
+
+    Put it inside the ``with mlflow.start_run()`` of the run(s) to end: that block would end its run
+    FAILED on the way out (one of these in an inner block has ended them all, so an outer one is a no-op).
+    """
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        end_active_runs_killed(interrupt_reason(e))
+        raise
+
+
+@contextlib.contextmanager
+def runs_killed_at_safe_points():
+    """For a command that writes while it works: Ctrl-C and SIGTERM end its runs KILLED at the next safe
+    point, ``check()``, which it yields, or at the end of the block."""
+    with interrupts_at_safe_points() as interrupted, runs_end_killed_on_interrupt():
+        yield interrupted
+        interrupted()  # inside: one that came after the last safe point still ends the runs KILLED
+
+
+@contextlib.contextmanager
+def runs_killed_at_once():
+    """For a command that mostly reads or waits: Ctrl-C and SIGTERM end its runs KILLED at once."""
+    with interrupts_raise_keyboard_interrupt(), runs_end_killed_on_interrupt():
+        yield

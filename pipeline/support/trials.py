@@ -141,14 +141,15 @@ def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: 
         trial.set_user_attr(FAIL_REASON_ATTR, e.message)
         raise
     except KeyboardInterrupt as e:  # no result: this trial's place goes to a new trial on resume
-        reason = interrupt_reason(e)
+        status, reason = "KILLED", interrupt_reason(e)  # first: the run ends KILLED whatever fails below
         trial.set_user_attr(INTERRUPTED_ATTR, reason)
         mlflow.set_tag(FAILURE_TAG, reason)
-        status = "KILLED"
         raise
     finally:
-        mlflow.set_tag(TRIAL_STATE_TAG, state.name)
-        mlflow.end_run(status)
+        try:
+            mlflow.set_tag(TRIAL_STATE_TAG, state.name)
+        finally:  # a tag that cannot be written must not leave the run RUNNING
+            mlflow.end_run(status)
 
 
 def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo) -> None:

@@ -1,22 +1,60 @@
-"""Worker processes for ``tune --workers N``; SIGTERM and Ctrl-C end a trial cleanly (``support.signals``)."""
+"""Worker processes for ``tune --workers N``, and how Ctrl-C and SIGTERM reach them.
+
+Each worker is a spawned process (a fresh interpreter) that reads the splits from a file the parent
+writes once: its arguments stay small, so starting it never waits while it imports PyTorch, and an
+interrupt can never cut them short (the worker would die reading them, with a traceback).
+
+The parent only waits, looking for an interrupt a few times a second (``POLL_SECONDS``): one that comes
+is passed on to every worker as SIGTERM; each fails its running trials and ends their runs KILLED at its
+next safe point (``support.signals``), then exits quietly; the parent waits for them all, then ends its
+own run KILLED.
+"""
 
 import multiprocessing
+import signal
+import sys
+import tempfile
+from multiprocessing import resource_tracker
+from pathlib import Path
 
 import mlflow
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
 from pipeline.errors import PipelineError
-from pipeline.support.signals import interrupts_raise_keyboard_interrupt
+from pipeline.support.signals import exit_status, interrupts_at_safe_points
 from pipeline.support.trials import work_on_study
 
+POLL_SECONDS = 0.2  # how often the waiting parent looks for an interrupt
 
-def worker_process(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo,
+
+def worker_process(cfg: TuneConfig, space: SearchSpace, data: Path, parent: mlflow.entities.RunInfo,
                    tracking_uri: str) -> None:
     """Entry point of a ``--workers`` process (spawned: a fresh interpreter)."""
     mlflow.set_tracking_uri(tracking_uri)
-    with interrupts_raise_keyboard_interrupt():
-        work_on_study(cfg, space, splits, parent)
+    try:
+        with interrupts_at_safe_points() as interrupted:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # blocked at its start (start_worker)
+            interrupted()
+            work_on_study(cfg, space, Splits.load(data), parent)
+    except KeyboardInterrupt as e:  # its trials have failed and their runs ended: the parent says why
+        sys.exit(exit_status(e))
+
+
+def start_worker(process: multiprocessing.Process) -> None:
+    """Start a worker with Ctrl-C blocked; it unblocks it once its handlers are set.
+
+    A Ctrl-C at the terminal reaches every process of the group: a worker still starting (importing
+    PyTorch) would die of it with a traceback. The SIGTERM the parent passes on ends such a worker
+    quietly. (Multiprocessing's resource tracker unblocks both signals when it starts, which the first
+    start would do: it is started beforehand.)
+    """
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def run_workers(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo) -> None:
@@ -25,20 +63,26 @@ def run_workers(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlf
         work_on_study(cfg, space, splits, parent)
         return
     context = multiprocessing.get_context("spawn")  # fork after torch/sqlite start is unsafe
-    processes = [context.Process(target=worker_process, name=f"tune-worker-{i}",
-                                 args=(cfg, space, splits, parent, mlflow.get_tracking_uri()))
-                 for i in range(cfg.workers)]
-    for p in processes:
-        p.start()
-    try:
-        for p in processes:
-            p.join()
-    except KeyboardInterrupt:
-        for p in processes:  # SIGTERM: each worker fails its trial and ends its run, then exits
-            p.terminate()
-        for p in processes:
-            p.join()
-        raise
+    with tempfile.TemporaryDirectory(prefix="tune-workers-") as folder, interrupts_at_safe_points() as interrupted:
+        data = splits.save(Path(folder))
+        processes = [context.Process(target=worker_process, name=f"tune-worker-{i}",
+                                     args=(cfg, space, data, parent, mlflow.get_tracking_uri()))
+                     for i in range(cfg.workers)]
+        try:
+            for p in processes:
+                interrupted()
+                start_worker(p)
+            for p in processes:
+                while p.is_alive():
+                    p.join(POLL_SECONDS)
+                    interrupted()
+        except KeyboardInterrupt:
+            started = [p for p in processes if p.pid is not None]
+            for p in started:
+                p.terminate()  # SIGTERM: each worker fails its trials and ends their runs, then exits
+            for p in started:
+                p.join()
+            raise
     failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode != 0]
     if failed:
         raise PipelineError(f"{', '.join(failed)} failed, see the messages above; the finished trials "
