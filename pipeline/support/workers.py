@@ -1,12 +1,14 @@
 """Worker processes for ``tune --workers N``; SIGTERM and Ctrl-C end a trial cleanly (``support.signals``)."""
 
 import multiprocessing
+import sys
 
 import mlflow
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, quiet_store_tracebacks, show_traceback_when_debugging
+from pipeline.support.optuna_storage import storage_faults_named
 from pipeline.support.signals import interrupts_raise_keyboard_interrupt
 from pipeline.support.trials import work_on_study
 
@@ -15,8 +17,14 @@ def worker_process(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: 
                    tracking_uri: str) -> None:
     """Entry point of a ``--workers`` process (spawned: a fresh interpreter)."""
     mlflow.set_tracking_uri(tracking_uri)
-    with interrupts_raise_keyboard_interrupt():
-        work_on_study(cfg, space, splits, parent)
+    quiet_store_tracebacks()  # as the CLI does in its own process
+    try:
+        with interrupts_raise_keyboard_interrupt(), storage_faults_named(cfg.storage):
+            work_on_study(cfg, space, splits, parent)
+    except PipelineError as e:  # one line, as the CLI would print it (the parent then names this worker)
+        show_traceback_when_debugging(e)
+        print(f"{multiprocessing.current_process().name}: {e.message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_workers(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo) -> None:
