@@ -32,9 +32,9 @@ def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial,
     if run_id:
         client = MlflowClient()
         client.set_tag(run_id, TRIAL_STATE_TAG, TrialState.FAIL.name)
-        # a run already ended FAILED or KILLED (by its worker when the storage failed, or by the command
-        # that found its process dead) keeps that end and its reason
-        if client.get_run(run_id).info.status not in ("FAILED", "KILLED"):
+        # a run its worker ended FAILED (its storage failed, so the trial could not be told) keeps that
+        # end and its reason
+        if client.get_run(run_id).info.status != "FAILED":
             client.set_tag(run_id, FAILURE_TAG, reason)
             client.set_terminated(run_id, status="KILLED")
 
