@@ -10,6 +10,7 @@ non-zero exit, no run left RUNNING, and the finished trials kept.
 
 import contextlib
 import errno
+import os
 import signal
 import socket
 import sqlite3
@@ -32,6 +33,7 @@ from pipeline.support.dead_trials import recover_dead_trials
 from pipeline.support.optuna_storage import open_storage
 from tests.fault_helpers import error_line, run_cli, run_statuses
 from tests.helpers import REPO, child_env
+from tests.test_faults_disk import fill, tmpfs
 
 # Starting Python, torch and MLflow and loading the data before the storage is opened: generous, as
 # the machine may be loaded; a command that hangs never ends at all.
@@ -339,3 +341,16 @@ def test_a_database_server_names_what_it_refused(postgres_url):
         with pytest.raises(PipelineError) as refused:
             open_storage(TuneConfig(storage=url))
         assert refused.value.message.startswith(f"cannot open the Optuna storage {url}: {cause}; ")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_an_optuna_storage_on_a_full_disk_names_the_full_disk(tmp_path, real_slice, subprocess_env, mlflow_store):
+    _, data = real_slice
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        fill(disk)
+        done = run_cli(subprocess_env, *tune(data, f"sqlite:///{disk / 'optuna.db'}"))
+    line = error_line(done)
+    assert f"cannot open the Optuna storage sqlite:///{disk / 'optuna.db'}: database or disk is full; free some " \
+           "space" in line, line
+    assert run_statuses(mlflow_store) == {"tune s": ["FAILED"]}
