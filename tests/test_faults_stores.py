@@ -125,9 +125,10 @@ def study_trials(url: str) -> list:
         return []
 
 
-def wait_for_trials(url: str, process: subprocess.Popen, state: TrialState, at_least: int = 1) -> None:
+def wait_for_a_trial(url: str, process: subprocess.Popen, that) -> None:
+    """Wait until a trial of the study is ``that(trial)``, while ``process`` runs."""
     deadline = time.monotonic() + 240
-    while sum(t.state == state for t in study_trials(url)) < at_least:
+    while not any(map(that, study_trials(url))):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.1)
 
@@ -143,7 +144,8 @@ def test_a_postgresql_statement_stuck_behind_a_lock_ends_with_one_line_and_no_ru
                                env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     locker = psycopg2.connect(postgres_url)
     try:
-        wait_for_trials(postgres_url, process, TrialState.RUNNING)
+        # once an epoch is reported, the group's trials have all been asked and have their runs
+        wait_for_a_trial(postgres_url, process, lambda t: t.state == TrialState.RUNNING and t.intermediate_values)
         locker.cursor().execute("LOCK TABLE trials IN ACCESS EXCLUSIVE MODE")  # held: no commit
         output, errors = process.communicate(timeout=120)
     finally:
@@ -207,7 +209,7 @@ def test_an_optuna_storage_that_turns_read_only_mid_study_is_named_and_every_run
                                                  "--epochs-high", "40", "--side-by-side", side_by_side)],
         env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_trials(storage, process, TrialState.COMPLETE)
+        wait_for_a_trial(storage, process, lambda t: t.state == TrialState.COMPLETE)
         immutable_files(db)
         output, errors = process.communicate(timeout=120)
     finally:
