@@ -27,7 +27,10 @@ data: $(STAMP)
 	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist && \
 	  $(PY) -m pipeline locate-data; }
 
+# The store and experiment first, made by one command of ours under the store's lock: `mlflow run`
+# creates a new store itself before our code runs, and several started at once on one collide.
 run: data
+	$(PY) -m pipeline create-store
 	$(VENV)/bin/mlflow run . --env-manager local $(EXPERIMENT_ARGS) $(MLFLOW_ARGS)
 
 test: data

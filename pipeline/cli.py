@@ -17,8 +17,8 @@ import sys
 
 import click
 
-from pipeline.errors import (DEFAULT_TRACKING_URI, PipelineError, environment_problem, quiet_store_tracebacks,
-                             unwritable_sqlite_store)
+from pipeline.errors import (DEBUG_ENV, DEFAULT_TRACKING_URI, PipelineError, environment_problem,
+                             quiet_store_tracebacks, show_traceback_when_debugging, unwritable_sqlite_store)
 
 COMMANDS = {  # command name -> the module of the step that defines it
     "locate-data": "pipeline.steps.prepare",
@@ -31,9 +31,10 @@ COMMANDS = {  # command name -> the module of the step that defines it
     "main": "pipeline.steps.main",
     "experiment": "pipeline.steps.experiment",
     "report": "pipeline.steps.report",
+    "create-store": "pipeline.steps.store",
 }
 # Commands whose runs go to the project's MLflow experiment (``experiment`` names its own, per file)
-RECORD_IN_PROJECT_EXPERIMENT = {"prepare", "train", "evaluate", "tune", "main"}
+RECORD_IN_PROJECT_EXPERIMENT = {"prepare", "train", "evaluate", "tune", "main", "create-store"}
 
 
 class LazyGroup(click.Group):
@@ -51,12 +52,18 @@ class LazyGroup(click.Group):
     def invoke_command(self, ctx):
         # A full disk or an unwritable store is the machine's fault, not a bug: one line, not a traceback.
         # (Raised inside ``mlflow.start_run``, it has already ended the run FAILED if the store could.)
+        # --debug prints the traceback behind every such line; anything else keeps its own traceback.
         try:
             return super().invoke(ctx)
+        except PipelineError as e:
+            show_traceback_when_debugging(e)
+            raise
         except Exception as e:
-            if isinstance(e, click.ClickException) or environment_problem(e) is None:
+            problem = None if isinstance(e, click.ClickException) else environment_problem(e)
+            if problem is None:
                 raise
-            raise PipelineError(environment_problem(e)) from e
+            show_traceback_when_debugging(e)
+            raise PipelineError(problem) from e
 
     def list_commands(self, ctx):
         return list(COMMANDS)
@@ -95,9 +102,13 @@ def after_options_are_parsed(command: click.Command) -> click.Command:
 
 
 @click.group(cls=LazyGroup)
+@click.option("--debug", is_flag=True, envvar=DEBUG_ENV,
+              help=f"Also print the traceback behind a one-line error (or set {DEBUG_ENV}=1).")
 @click.pass_context
-def cli(ctx):
+def cli(ctx, debug):
     """Fashion-MNIST softmax regression (d2l §3.7) as a tracked, tunable MLflow pipeline."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # for this process and the steps and workers it starts
     quiet_store_tracebacks()
     # Every command but locate-data records runs; asking for --help needs no store.
     if ctx.invoked_subcommand != "locate-data" and "--help" not in sys.argv:
@@ -109,6 +120,7 @@ def cli(ctx):
     from pipeline.support import stores
 
     stores.open_mlflow_stores_under_a_lock()
+    stores.bounded_tracking_server_waits()
 
 
 def option_for(field: dataclasses.Field, only: tuple[str, ...] = ()):

@@ -24,6 +24,23 @@ PRUNERS = ("median", "hyperband", "none")
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 JOURNAL_SCHEME = "journal:///"  # like sqlite:///: journal:///optuna.log is relative, journal:////tmp/x.log absolute
 JOURNAL_SUFFIXES = (".log", ".journal")
+# A PostgreSQL storage's waits, as libpq's own connection parameters; a URL that names one keeps its value
+# (postgresql://user@host/db?connect_timeout=30). A server that never answers fails the connection after
+# STORAGE_CONNECT_TIMEOUT_S (and Ctrl-C waits at most that long); a statement stuck behind a lock ends
+# after STORAGE_STATEMENT_TIMEOUT_S, as a sqlite writer stops waiting for a lock after a minute; TCP
+# keepalives and an unanswered-write timeout notice a server or a network that is gone.
+STORAGE_CONNECT_TIMEOUT_S = 10
+STORAGE_STATEMENT_TIMEOUT_S = 60
+POSTGRES_CONNECT_ARGS = {
+    "connect_timeout": STORAGE_CONNECT_TIMEOUT_S,
+    "options": f"-c statement_timeout={STORAGE_STATEMENT_TIMEOUT_S}s",
+    "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,  # seconds, seconds, probes
+    "tcp_user_timeout": STORAGE_STATEMENT_TIMEOUT_S * 1000,  # milliseconds
+}
+# An MLflow tracking server that never answers: MLflow's own defaults (120 s per request, 7 retries with
+# growing pauses) wait about 20 minutes before failing; these wait about 2. A value set in the
+# environment is kept.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: a larger setting overflows to inf

@@ -26,7 +26,7 @@ from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_TAG
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.support import owners, tracking
 from pipeline.support.dead_trials import recover_dead_trials
-from pipeline.support.optuna_storage import open_storage, open_study, printable_url
+from pipeline.support.optuna_storage import open_storage, open_study, printable_url, storage_faults_named
 from pipeline.support.params import log_new_params
 from pipeline.support.registry import promote_if_better
 from pipeline.support.signals import runs_killed_at_safe_points
@@ -55,7 +55,7 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
     space.validate()
     own_run = (mlflow.start_run(run_name="tune", log_system_metrics=True) if mlflow.active_run() is None
                else contextlib.nullcontext())
-    with own_run, runs_killed_at_safe_points():
+    with own_run, runs_killed_at_safe_points(), storage_faults_named(tune_cfg.storage):
         parent = mlflow.active_run().info
         owners.claim_active_run()  # if this process is killed, the next command ends this run
         log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),

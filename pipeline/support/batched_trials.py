@@ -30,12 +30,14 @@ from pipeline.config import SearchSpace, TrainConfig, TuneConfig
 from pipeline.core.side_by_side import fit_side_by_side
 from pipeline.core.splits import Splits
 from pipeline.core.training import DivergedError, FitResult, Tensors
+from pipeline.errors import fault_of
 from pipeline.names import (BEST_EPOCH_ATTR, FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR,
                             OWNER_ATTR, OWNER_TAG, RUN_ID_ATTR, SIDE_BY_SIDE_TAG, STUDY_TAG, TRIAL_STATE_TAG,
                             TRIAL_TAG)
 from pipeline.steps.train import log_fit_result, log_training_inputs
 from pipeline.support import tracking
 from pipeline.support.dead_trials import recover_dead_trials
+from pipeline.support.optuna_storage import storage_problem
 from pipeline.support.owners import this_process
 from pipeline.support.search import make_sampler, suggest_params
 from pipeline.support.signals import interrupt_reason
@@ -181,18 +183,34 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     except KeyboardInterrupt as e:  # no result: each trial's place goes to a new trial on resume
         reason = interrupt_reason(e)
         for member in running:
-            member.trial.set_user_attr(INTERRUPTED_ATTR, reason)
             end_run(member, TrialState.FAIL, "KILLED", reason)
-            tell(study, member, TrialState.FAIL)
+        fail_trials(study, running, interrupted=reason)
         raise
     except Exception as e:  # a bug or a lost store: fail what runs (no result, so not counted), then stop
         for member in running:
-            end_run(member, TrialState.FAIL, "FAILED", f"{type(e).__name__}: {e}")
-            tell(study, member, TrialState.FAIL)
+            end_run(member, TrialState.FAIL, "FAILED", storage_problem(cfg.storage, e) or f"{type(e).__name__}: {e}")
+        fail_trials(study, running)
         raise
     finally:  # if telling failed too: a heartbeat thread left running would keep the process alive
         for member in running:
             member.heartbeat.join()  # (joining twice is harmless)
+
+
+def fail_trials(study: optuna.Study, running: list[Running], interrupted: str | None = None) -> None:
+    """Tell each trial FAIL (``interrupted``: why, so that its place goes to a new trial), after their
+    MLflow runs have ended: those never depend on the Optuna storage, which may be what failed. Then the
+    first fault ends the telling (each would wait for the same storage); the trials left RUNNING are
+    failed by the next command (``recover_dead_trials``), and the error that stopped the group is raised.
+    """
+    for member in running:
+        try:
+            if interrupted:
+                member.trial.set_user_attr(INTERRUPTED_ATTR, interrupted)
+            tell(study, member, TrialState.FAIL)
+        except Exception as e:
+            if fault_of(e) is None:
+                raise
+            return
 
 
 def is_full(study: optuna.Study, cfg: TuneConfig) -> bool:

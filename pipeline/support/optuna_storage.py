@@ -1,9 +1,11 @@
 """Optuna storages: a journal file or a database (sqlite, PostgreSQL, MySQL), and the study inside it.
 
 Several workers, on this machine or others, share one study through its storage; the helpers here open
-it robustly (concurrent creation, locked sqlite files, dropped connections) and never show a password.
+it robustly (concurrent creation, locked sqlite files, dropped connections, servers that never answer)
+and never show a password. A storage that fails is named, with the cause seen, in one line.
 """
 
+import contextlib
 import importlib.util
 import time
 import warnings
@@ -16,21 +18,11 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from pipeline.config import JOURNAL_SCHEME, SearchSpace, TuneConfig, is_journal
-from pipeline.errors import PipelineError
+from pipeline.config import JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS, SearchSpace, TuneConfig, is_journal
+from pipeline.errors import PipelineError, causes, fault_of, file_fault, from_optuna_storage, printable_url
 from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
 from pipeline.support.search import seed_recipe_params
 from pipeline.support.stores import create_if_new, creation_lock
-
-
-def printable_url(url: str) -> str:
-    """The storage URL without its password, for logs and errors."""
-    if is_journal(url):
-        return url
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy understands; the error that follows says so
-        return url
 
 
 def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial,
@@ -40,8 +32,11 @@ def close_stale_run(study: optuna.Study, trial: optuna.trial.FrozenTrial,
     if run_id:
         client = MlflowClient()
         client.set_tag(run_id, TRIAL_STATE_TAG, TrialState.FAIL.name)
-        client.set_tag(run_id, FAILURE_TAG, reason)
-        client.set_terminated(run_id, status="KILLED")
+        # a run its worker ended FAILED (its storage failed, so the trial could not be told) keeps that
+        # end and its reason
+        if client.get_run(run_id).info.status != "FAILED":
+            client.set_tag(run_id, FAILURE_TAG, reason)
+            client.set_terminated(run_id, status="KILLED")
 
 
 def with_installed_driver(url: str) -> str:
@@ -51,26 +46,59 @@ def with_installed_driver(url: str) -> str:
     return url
 
 
+def engine_kwargs(url: str) -> dict:
+    """How SQLAlchemy connects to the storage at ``url`` (after ``with_installed_driver``).
+
+    A sqlite writer waits up to a minute for another's lock instead of failing "database is locked".
+    PostgreSQL: a connection check, so that a dropped connection is reopened, and bounded waits
+    (``config.POSTGRES_CONNECT_ARGS``; the URL's own parameters win: SQLAlchemy passes them to libpq).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        return {"connect_args": {"timeout": 60}}
+    if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg2", "psycopg"):
+        defaults = {k: v for k, v in POSTGRES_CONNECT_ARGS.items() if k not in parsed.query}
+        return {"pool_pre_ping": True, "connect_args": defaults}
+    return {"pool_pre_ping": True}
+
+
 def open_database_storage(cfg: TuneConfig, attempts: int = 3) -> RDBStorage:
-    # A sqlite writer waits up to a minute for another's lock instead of failing "database is
-    # locked"; other databases get a connection check so that a dropped connection is reopened.
-    is_sqlite = cfg.storage.startswith("sqlite")
-    engine_kwargs = {"connect_args": {"timeout": 60}} if is_sqlite else {"pool_pre_ping": True}
+    url = with_installed_driver(cfg.storage)
     for attempt in range(1, attempts + 1):
         try:
             # a new sqlite file is created by one process at a time (the others wait, then open it)
             with warnings.catch_warnings(), creation_lock(cfg.storage):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 create_if_new(cfg.storage, lambda staging: RDBStorage(staging).engine.dispose())
-                return RDBStorage(with_installed_driver(cfg.storage), engine_kwargs=engine_kwargs,
-                                  heartbeat_interval=cfg.heartbeat_interval,
+                return RDBStorage(url, engine_kwargs=engine_kwargs(url), heartbeat_interval=cfg.heartbeat_interval,
                                   heartbeat_stale_trial_callback=close_stale_run)
         # Workers that open a new database server at the same moment all create Optuna's tables, and
         # the losers fail on a duplicate table or key. The tables exist by then: opening again works.
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError):
-            if attempt == attempts:
+        # A fault (a server that refuses or never answers, a full disk) would only fail again.
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError, sqlalchemy.exc.OperationalError) as e:
+            if attempt == attempts or fault_of(e) is not None:
                 raise
             time.sleep(attempt)
+
+
+def why_not_opened(error: Exception) -> str | None:
+    """What kept a storage from opening, and what to do; None for anything else (a bug: its traceback)."""
+    if fault := fault_of(error):
+        return f"{fault.cause}; {fault.remedy}"
+    missing = [e for e in causes(error) if isinstance(e, ImportError)]
+    if missing:  # the innermost names the module (Optuna's own message does not)
+        return (f"its driver is not installed ({missing[-1]}); install it: psycopg2 for postgresql://, pymysql "
+                "for mysql+pymysql://")
+    for e in causes(error):
+        if line := file_fault(e):  # a journal file
+            return line
+        if isinstance(e, OSError) and e.filename:
+            return f"{e.strerror} ({e.filename})"
+        if isinstance(e, sqlalchemy.exc.NoSuchModuleError):
+            return f"SQLAlchemy knows no such database ({e}); use sqlite:///, postgresql:// or mysql+pymysql://"
+        if isinstance(e, sqlalchemy.exc.ArgumentError):
+            return f"not a database URL ({e}); see --help for the forms a storage takes"
+    return None
 
 
 def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
@@ -81,11 +109,29 @@ def open_storage(cfg: TuneConfig) -> optuna.storages.BaseStorage:
             return JournalStorage(JournalFileBackend(path))
         return open_database_storage(cfg)
     except Exception as e:
-        raise PipelineError(
-            f"cannot open the Optuna storage {printable_url(cfg.storage)} ({type(e).__name__}: {e}); "
-            "check the URL, that the database server is running and reachable, and that its driver "
-            "is installed (psycopg2 for postgresql://, pymysql for mysql+pymysql://)"
-        )
+        problem = why_not_opened(e)
+        if problem is None:
+            raise
+        raise PipelineError(f"cannot open the Optuna storage {printable_url(cfg.storage)}: {problem}") from e
+
+
+def storage_problem(url: str, error: BaseException) -> str | None:
+    """One line for a fault of the Optuna storage at ``url`` behind ``error``; None for any other error."""
+    fault = fault_of(error) if from_optuna_storage(error) else None
+    return f"the Optuna storage {printable_url(url)} failed: {fault.cause}; {fault.remedy}" if fault else None
+
+
+@contextlib.contextmanager
+def storage_faults_named(url: str):
+    """Name the Optuna storage at ``url`` in the one line of a fault it raises during the block (the CLI
+    can tell an Optuna storage's error, not its URL); every other error passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        problem = storage_problem(url, e)
+        if problem is None:
+            raise
+        raise PipelineError(f"{problem}. The finished trials are kept: run the same command again to resume") from e
 
 
 def open_study(cfg: TuneConfig, space: SearchSpace, storage, data: dict[str, str]) -> optuna.Study:

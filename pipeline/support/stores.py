@@ -17,6 +17,8 @@ from pathlib import Path
 import filelock
 from sqlalchemy.engine import make_url
 
+from pipeline.config import MLFLOW_HTTP_DEFAULTS
+
 
 def sqlite_file(url: str) -> Path | None:
     """The file of a sqlite URL (sqlite:///mlflow.db -> mlflow.db); None for other URLs and in-memory."""
@@ -80,3 +82,10 @@ def open_mlflow_stores_under_a_lock() -> None:
 
     tracking_stores._register("sqlite", locked(tracking_stores._get_sqlalchemy_store))
     registry_stores._get_store_registry().register("sqlite", locked(registry_stores._get_sqlalchemy_store))
+
+
+def bounded_tracking_server_waits() -> None:
+    """Wait less for an MLflow tracking server that does not answer (``config.MLFLOW_HTTP_DEFAULTS``),
+    unless the environment sets MLflow's own variables; the processes this one starts inherit them."""
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)

@@ -21,7 +21,8 @@ import mlflow
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, quiet_store_tracebacks, show_traceback_when_debugging
+from pipeline.support.optuna_storage import storage_faults_named
 from pipeline.support.signals import exit_status, interrupts_at_safe_points
 from pipeline.support.trials import work_on_study
 
@@ -32,13 +33,18 @@ def worker_process(cfg: TuneConfig, space: SearchSpace, data: Path, parent: mlfl
                    tracking_uri: str) -> None:
     """Entry point of a ``--workers`` process (spawned: a fresh interpreter)."""
     mlflow.set_tracking_uri(tracking_uri)
+    quiet_store_tracebacks()  # as the CLI does in its own process
     try:
-        with interrupts_at_safe_points() as interrupted:
+        with interrupts_at_safe_points() as interrupted, storage_faults_named(cfg.storage):
             signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])  # blocked at its start (start_worker)
             interrupted()
             work_on_study(cfg, space, Splits.load(data), parent)
     except KeyboardInterrupt as e:  # its trials have failed and their runs ended: the parent says why
         sys.exit(exit_status(e))
+    except PipelineError as e:  # one line, as the CLI would print it (the parent then names this worker)
+        show_traceback_when_debugging(e)
+        print(f"{multiprocessing.current_process().name}: {e.message}", file=sys.stderr)
+        sys.exit(1)
 
 
 def start_worker(process: multiprocessing.Process) -> None:
