@@ -19,7 +19,8 @@ from scipy import ndimage
 from bench import photos as benchmark
 from pipeline.cli import cli
 from pipeline.config import DataConfig, TrainConfig
-from pipeline.core.images import MAX_PHOTO_PIXELS, SMOOTHING, UNSURE_BELOW, image_to_array, read_photo, top_k
+from pipeline.core.images import (MAX_PHOTO_PIXELS, SMOOTHING, UNSURE_BELOW, WORK_SIDE, image_to_array, read_photo,
+                                  top_k)
 from pipeline.core.model import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
@@ -147,14 +148,17 @@ def close_up() -> Image.Image:
 
 
 def faint(test_image: np.ndarray) -> Image.Image:
-    """A garment only a few noise levels darker than a noisy background (with one clearly dark patch)."""
-    rng = np.random.default_rng(0)
-    noise = 40 * rng.standard_normal((170, 200))
-    spread = ndimage.gaussian_filter(noise, SMOOTHING).std()  # the noise the garment must stand out from
+    """A garment only a few noise levels darker than a noisy background (with one clearly dark patch).
+
+    The photo is as wide as ``predict`` works (``WORK_SIDE``), so its noise reaches the garment search
+    only smoothed (scipy's Gaussian filter of ``SMOOTHING``): that spread is what the garment must beat.
+    """
+    noise = 40 * np.random.default_rng(0).standard_normal((200, WORK_SIDE))
+    spread = ndimage.gaussian_filter(noise, SMOOTHING).std()
     shape = garment_darkness(test_image) > 0.2
     pixels = 170 + noise
-    pixels[30:142, 60:172][shape] = 170 - 3.4 * spread  # uniform: the garment hides the noise behind it
-    pixels[80:92, 110:122] = 170 - 10 * spread  # a label that does stand out
+    pixels[40:152, 70:182][shape] = 170 - 3.4 * spread  # uniform: the garment hides the noise behind it
+    pixels[90:102, 120:132] = 170 - 10 * spread  # a label that does stand out
     return as_image(pixels)
 
 

@@ -146,8 +146,16 @@ def load_grey(path: Path) -> np.ndarray:
         raise too_large(path, f"claims more than {Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels")
     except (OSError, UnidentifiedImageError, ValueError) as e:
         raise PipelineError(f"{path}: cannot read the image ({e})")
-    grey.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)  # shrinks only; keeps the aspect ratio
-    return np.asarray(grey, dtype=np.float32)
+    return np.asarray(to_work_size(grey), dtype=np.float32)
+
+
+def to_work_size(grey: Image.Image) -> Image.Image:
+    """The longer side resized to ``WORK_SIDE``, the aspect kept: every photo is searched at the same scale,
+    so that the smoothing and the border band are the same small fraction of it."""
+    scale = WORK_SIDE / max(grey.size)
+    size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
+    # shrinking averages whole pixels (and their noise); enlarging interpolates smoothly
+    return grey.resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -162,26 +170,26 @@ def border_band(shape: tuple[int, int]) -> np.ndarray:
     return band
 
 
-def robust_spread(values: np.ndarray) -> float:
-    """The standard deviation of the bulk of ``values``, from their median absolute deviation."""
-    return 1.4826 * float(np.median(np.abs(values - np.median(values))))
+def robust_spread(residuals: np.ndarray) -> float:
+    """The standard deviation of the bulk of ``residuals`` (around 0), from their median absolute size."""
+    return max(1.4826 * float(np.median(np.abs(residuals))), MIN_SPREAD)
 
 
 def estimate_background(grey: np.ndarray) -> tuple[np.ndarray, float]:
     """The background's level everywhere (a plane fitted to the border) and its spread around it.
 
-    The fit is repeated without the border pixels far from the plane: a garment touching the border
-    must not tilt the background.
+    The fit starts from the border's median and is redone on the border pixels close to the last fit:
+    a garment touching the border, even over a third of it, must not tilt or lift the background.
     """
     rows, cols = np.nonzero(border_band(grey.shape))
     values = grey[rows, cols]
     design = np.column_stack([np.ones(len(values)), rows / grey.shape[0], cols / grey.shape[1]])
-    keep = np.ones(len(values), dtype=bool)
+    coef = np.array([np.median(values), 0.0, 0.0])
     for _ in range(3):
-        coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
         residuals = values - design @ coef
-        spread = max(robust_spread(residuals[keep]), MIN_SPREAD)
-        keep = np.abs(residuals) < 3 * spread
+        keep = np.abs(residuals) < 3 * robust_spread(residuals)
+        coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
+    spread = robust_spread((values - design @ coef)[keep])
     r, c = np.mgrid[0:grey.shape[0], 0:grey.shape[1]]
     level = coef[0] + coef[1] * r / grey.shape[0] + coef[2] * c / grey.shape[1]
     return level.astype(np.float32), spread
