@@ -77,6 +77,7 @@ def transparent(test_image: np.ndarray) -> Image.Image:
 
 
 PHOTOS = {
+    "dataset.png": Image.fromarray,  # the dataset's own 28x28 image
     "grey.jpg": lambda img: as_image(on_background(img, (200, 200, 200))),
     "blue.png": lambda img: as_image(on_background(img, (150, 190, 235))),
     "transparent.png": transparent,
@@ -111,6 +112,22 @@ def test_photo_predicted_as_its_test_image(model, real_slice, tmp_path, kind):
     assert photos == originals
     # and the image the model sees is the test image again, up to resampling
     assert np.abs(arrays[0].astype(int) - splits.test_x[indices[0]]).mean() < 20
+
+
+def test_a_garment_covering_much_of_the_border_is_not_taken_for_background(model, real_slice, tmp_path):
+    """Dataset images whose garment (a bag, a pullover) covers over a third of the 2-pixel border."""
+    splits = real_slice[0]
+    border = np.ones((28, 28), dtype=bool)
+    border[2:-2, 2:-2] = False
+    wide = [i for i, img in enumerate(splits.test_x) if (img[border] > 0).mean() > 1 / 3][:8]
+    assert len(wide) == 8
+    arrays = []
+    for i in wide:
+        Image.fromarray(splits.test_x[i]).save(tmp_path / f"{i}.png")
+        arrays.append(image_to_array(tmp_path / f"{i}.png"))
+    photos = [top[0][0] for top in top_k(model, np.stack(arrays), k=1)]
+    originals = [top[0][0] for top in top_k(model, splits.test_x[wide], k=1)]
+    assert photos == originals
 
 
 def test_without_normalising_a_grey_background_the_model_sees_a_veil(real_slice, tmp_path):

@@ -7,7 +7,8 @@ a pure black background. ``read_photo`` brings a photo to that look, step by ste
 1. refuse an image whose header claims more than ``MAX_PHOTO_PIXELS`` pixels, before any is decoded
    (a small file can claim a huge image: a decompression bomb);
 2. grey, transparency composited onto white (a transparent pixel is background, whatever colour it
-   stores), shrunk to at most ``WORK_SIDE`` pixels a side (averaging pixels also averages their noise);
+   stores), resized so that the longer side is ``WORK_SIDE`` pixels: every photo is searched at the
+   same scale (and shrinking a large one averages its pixels' noise);
 3. a smoothed copy, used to find the garment, so that pixel noise and JPEG blocks cannot pass for it;
 4. the background, estimated from the border: its level as a plane (a gradient is still background)
    and its spread, the noise and texture that the garment has to stand out from;
@@ -38,10 +39,10 @@ from pipeline.config import CLASS_NAMES, IMAGE_SIZE
 from pipeline.core.metrics import predict_logits
 from pipeline.errors import PipelineError
 
-# A 50-megapixel photo is larger than a phone camera's usual output and decodes to ~150 MB of RGB; past
-# it, decoding costs gigabytes (a 12000x12000 image, 2.5 GB) for no better a 28x28 garment.
+# A 50-megapixel photo is larger than a phone camera's usual output and decodes to 150 MB of RGB; past
+# it, decoding costs gigabytes for no better a 28x28 garment.
 MAX_PHOTO_PIXELS = 50_000_000
-WORK_SIDE = 256  # the photo is shrunk to at most this many pixels a side: ample for a 28x28 garment
+WORK_SIDE = 256  # the longer side of the photo while the garment is searched: ample for a 28x28 garment
 SMOOTHING = 1.0  # Gaussian sigma (pixels at the working size) against pixel noise and JPEG blocks
 BORDER = 0.04  # the border band, as a fraction of the shorter side, that shows the background
 MIN_SPREAD = 2.0  # grey levels: a noise-free background still has rounding and JPEG ringing
@@ -51,9 +52,9 @@ MIN_CONTRAST = 16.0  # grey levels: a garment that stands out less than this is 
 NEAR = 0.25  # parts within this fraction of the garment's size around it belong to it
 MIN_PART = 0.02  # parts smaller than this fraction of the garment's mass are specks, ignored
 
-# When a prediction is reported unsure. The three limits on the photo were chosen on photos made from
-# validation images (``bench.photos.evaluate`` on the validation split), never from the test garments
-# of the benchmark: they flag few of the photos the model gets right, and most of the clearly odd ones.
+# When a prediction is reported unsure. The three limits on the photo were set on photos made from
+# validation images (``bench.photos.evaluate`` on the validation split), never on the benchmark's test
+# garments: beyond what a garment cleanly found on those backgrounds shows.
 UNSURE_BELOW = 0.6  # a top probability under this is reported as unsure
 FILLS_FRAME = 0.85  # a garment covering more of the photo than this left no background to tell it by
 COMPETING = 0.2  # another object with this fraction of the garment's mass: which one is the garment?
@@ -97,15 +98,15 @@ def read_photo(path: Path) -> Photo:
     The smoothed photo decides which pixels are the garment; their values come from the photo itself,
     which keeps the garment's detail.
     """
-    grey = load_grey(path)
-    smooth = ndimage.gaussian_filter(grey, SMOOTHING)
-    background, spread = estimate_background(smooth)
-    sign = polarity(smooth - background, spread)
+    grey = load_grey(path)  # steps 1 and 2
+    smooth = ndimage.gaussian_filter(grey, SMOOTHING)  # 3
+    background, spread = estimate_background(smooth)  # 4
+    sign = polarity(smooth - background, spread)  # 5
     try:
-        mask, evidence = garment_mask(np.clip(sign * (smooth - background), 0, None), spread)
+        mask, evidence = garment_mask(np.clip(sign * (smooth - background), 0, None), spread)  # 6
     except ValueError as e:
         raise PipelineError(f"{path}: {e}; give a photo of one garment on a plain background")
-    return Photo(fit_to_square(np.clip(sign * (grey - background), 0, None), mask), evidence)
+    return Photo(fit_to_square(np.clip(sign * (grey - background), 0, None), mask), evidence)  # 7
 
 
 def image_to_array(path: Path) -> np.ndarray:
@@ -132,7 +133,7 @@ def too_large(path: Path, claim: str) -> PipelineError:
 
 
 def load_grey(path: Path) -> np.ndarray:
-    """The image as float32 grey levels, at most ``WORK_SIDE`` pixels a side (steps 1 and 2)."""
+    """The image as float32 grey levels, its longer side ``WORK_SIDE`` pixels (steps 1 and 2)."""
     try:
         with warnings.catch_warnings():
             # PIL warns (and past twice its own limit raises) at open, before any pixel is decoded
@@ -150,8 +151,8 @@ def load_grey(path: Path) -> np.ndarray:
 
 
 def to_work_size(grey: Image.Image) -> Image.Image:
-    """The longer side resized to ``WORK_SIDE``, the aspect kept: every photo is searched at the same scale,
-    so that the smoothing and the border band are the same small fraction of it."""
+    """The longer side resized to ``WORK_SIDE``, the aspect kept: the smoothing and the border band are
+    then the same small fraction of every photo, a 28x28 one included."""
     scale = WORK_SIDE / max(grey.size)
     size = (max(1, round(grey.width * scale)), max(1, round(grey.height * scale)))
     # shrinking averages whole pixels (and their noise); enlarging interpolates smoothly
@@ -209,23 +210,25 @@ def polarity(difference: np.ndarray, spread: float) -> float:
 
 
 def garment_mask(garment: np.ndarray, spread: float) -> tuple[np.ndarray, Evidence]:
-    """The garment's pixels (the largest part above the threshold and the parts near it), and how clear."""
-    parts, count = ndimage.label(garment > EDGE_SPREADS * spread, structure=np.ones((3, 3)))
+    """The garment's pixels (the largest object and the parts near it), and how clearly it stood out."""
+    blank = ValueError("the image is blank (no garment stands out from its background)")
+    parts, count = ndimage.label(garment > EDGE_SPREADS * spread, structure=np.ones((3, 3)))  # 8-connected
+    if count == 0:
+        raise blank
     index = np.arange(1, count + 1)
-    peak = ndimage.maximum(garment, parts, index) if count else np.zeros(0)
-    # hysteresis: a part counts only if some pixel of it clearly stands out
-    mass = ndimage.sum(garment, parts, index) if count else np.zeros(0)
-    core = peak > max(CORE_SPREADS * spread, MIN_CONTRAST)
-    if not core.any():
-        raise ValueError("the image is blank (no garment stands out from its background)")
-    main = int(np.argmax(np.where(core, mass, 0)))
+    mass = ndimage.sum(garment, parts, index)
+    # hysteresis: a part is an object only if some pixel of it clearly stands out
+    is_object = ndimage.maximum(garment, parts, index) > max(CORE_SPREADS * spread, MIN_CONTRAST)
+    if not is_object.any():
+        raise blank
+    main = int(np.argmax(np.where(is_object, mass, 0)))
+    # the parts around the largest object belong to it (a sandal's straps, a faint sole), specks excepted
     boxes = ndimage.find_objects(parts)
     near = grown(boxes[main], NEAR, garment.shape)
     chosen = [i for i in range(count) if mass[i] >= MIN_PART * mass[main] and overlaps(boxes[i], near)]
     mask = np.isin(parts, index[chosen])
-    left_out = np.delete(np.where(core, mass, 0), chosen)  # other objects that clearly stand out
-    evidence = Evidence(coverage=float(mask.mean()),
-                        rival=float(left_out.max() / mass[main]) if len(left_out) else 0.0,
+    others = np.delete(np.where(is_object, mass, 0), chosen)
+    evidence = Evidence(coverage=float(mask.mean()), rival=float(others.max(initial=0) / mass[main]),
                         contrast=float(np.median(garment[mask]) / spread))
     return mask, evidence
 
