@@ -106,7 +106,7 @@ def read_photo(path: Path) -> Photo:
         mask, evidence = garment_mask(np.clip(sign * (smooth - background), 0, None), spread)  # 6
     except ValueError as e:
         raise PipelineError(f"{path}: {e}; give a photo of one garment on a plain background")
-    return Photo(fit_to_square(np.clip(sign * (grey - background), 0, None), mask), evidence)  # 7
+    return Photo(fit_to_square(np.clip(sign * (grey - background), 0, None), mask, spread), evidence)  # 7
 
 
 def image_to_array(path: Path) -> np.ndarray:
@@ -251,11 +251,13 @@ def overlaps(box: tuple[slice, slice], outer: tuple[slice, slice]) -> bool:
 # Step 7: the dataset's framing
 
 
-def fit_to_square(garment: np.ndarray, mask: np.ndarray) -> np.ndarray:
+def fit_to_square(garment: np.ndarray, mask: np.ndarray, spread: float) -> np.ndarray:
     """Crop to the garment, pad it to a centred square, resize that to 28x28, stretch to 0..255."""
+    # the box: the garment's own pixels above the threshold (the smoothed copy spreads it a little wider)
+    inside = mask & (garment > EDGE_SPREADS * spread)
+    rows, cols = np.nonzero(inside if inside.any() else mask)
     kept = garment * ndimage.binary_dilation(mask, iterations=2)  # the soft edge just outside the threshold
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    crop = kept[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    crop = kept[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
     side = max(crop.shape)
     square = np.zeros((side, side), dtype=np.float32)  # padded at full resolution: centred to a fraction of a pixel
     top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
