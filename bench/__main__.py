@@ -2,13 +2,14 @@
 
 import click
 
-from bench import common, memory, side_by_side, throughput, tuning
+from bench import common, memory, photos, side_by_side, throughput, tuning
 
 BENCHMARKS = {
     "throughput": throughput.run,  # 1 and 2: against the book's loop and the compute floor
     "memory": memory.run,  # 4: `main` with the default settings
     "tuning": tuning.run,  # 3 (and 4 for `tune --workers 2`): a fixed study with 1 and 2 workers
     "side_by_side": side_by_side.run,  # 5: a 100-trial study, one trial at a time against side by side
+    "photos": photos.run,  # predict on test garments pasted on generated photo backgrounds, per background
 }
 
 

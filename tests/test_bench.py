@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from bench.memory import run_sampled
+from bench.photos import BACKGROUNDS
 from tests.helpers import REPO
 
 
@@ -106,3 +107,18 @@ def test_side_by_side_benchmark_runs_on_a_slice(tmp_path, subprocess_env, real_d
         assert 0.1 < study[f"{mode}_best_val_accuracy_min"] <= study[f"{mode}_best_val_accuracy_max"] <= 1
     assert study["speedup_x"] == pytest.approx(study["side_by_side_trials_per_min"] / study["sequential_trials_per_min"])
     assert set(results["side_by_side_study"]["targets"]) == {"speedup", "quality"}
+
+
+@pytest.mark.slow
+def test_photos_benchmark_runs_on_a_slice(tmp_path, subprocess_env, real_data_dir):
+    stdout, results = run_bench(["photos"], tmp_path, subprocess_env, real_data_dir)
+    assert set(results) == {"photos"}
+    check_report(stdout, results)
+
+    entry = results["photos"]
+    assert set(entry["details"]) == {"clean"} | {b.key for b in BACKGROUNDS}
+    for key, row in entry["details"].items():  # every garment on every background, each counted once
+        assert row["photos"] == entry["metrics"]["garments_per_background"] == 40
+        assert entry["metrics"][f"{key}_accuracy"] == row["accuracy"]
+    assert set(entry["targets"]) == {f"{b.key}_kept" for b in BACKGROUNDS} | {"confident_wrong"}
+    assert "\n| flat grey | " in stdout  # the table for the docs
