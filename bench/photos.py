@@ -14,7 +14,7 @@ probability above 0.9, not flagged unsure). A confident mistake whose answer is 
 for the original test image too is the model's own (a linear model is confidently wrong on some test
 images whatever the photo) and is counted apart from those the photo caused.
 
-``predict``'s unsure limits (``pipeline.core.images``) were chosen with ``evaluate`` on validation
+``predict``'s unsure limits (``pipeline.core.photos``) were chosen with ``evaluate`` on validation
 images; the benchmark's garments come from the test split.
 """
 
@@ -29,8 +29,8 @@ from scipy import ndimage
 
 from bench.common import Result
 from pipeline.config import CLASS_NAMES, DataConfig, TrainConfig
-from pipeline.core.images import read_photo, top_k, unsure
-from pipeline.core.model import build_model
+from pipeline.core.photos import read_photo, top_k, unsure
+from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError

@@ -2,7 +2,7 @@
 
 Two parts:
 
-1. Cost of an epoch per trial for K models stacked (``pipeline.core.side_by_side.fit_side_by_side``)
+1. Cost of an epoch per trial for K models stacked (``pipeline.core.stacked.fit_side_by_side``)
    against one model alone (``pipeline.core.training.fit``): what the default K is chosen from.
 2. The same 100-trial study (default search space, sampler and pruner) run with ``--side-by-side 1``
    and ``--side-by-side K``, for 3 sampler seeds: wall time, trials per minute, and the best validation
@@ -21,8 +21,8 @@ import optuna
 
 from bench.common import Result, subprocess_env
 from pipeline.config import DataConfig, SearchSpace, TrainConfig
-from pipeline.core.model import build_model
-from pipeline.core.side_by_side import fit_side_by_side
+from pipeline.core.models import build_model
+from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 

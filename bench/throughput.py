@@ -2,7 +2,7 @@
 
 1. The reference is the book's ``load_data_fashion_mnist`` + ``train_epoch_ch3`` (d2l §3.6-3.7):
    torchvision's ``FashionMNIST`` with ``ToTensor``, a ``DataLoader`` of batch 256, shuffled, 4
-   workers, training the same model (``pipeline.core.model.build_model``) with the same SGD and loss.
+   workers, training the same model (``pipeline.core.models.build_model``) with the same SGD and loss.
    The project trains on ``pipeline.core.training.Tensors`` (the whole split in memory, batches sliced by
    index), with ``pipeline.core.training.fit`` (tracking off) and ``pipeline.steps.train.train`` inside an MLflow
    run (tracking on: ``mlflow.log_metrics`` once per epoch). Both sides train on the same number of
@@ -30,11 +30,11 @@ from torchvision import datasets, transforms
 from bench.common import Result, timed
 from pipeline.config import DataConfig, TrainConfig
 from pipeline.core.idx import locate_raw_files
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, batch_orders, fit, train_epoch
 from pipeline.steps.train import train
-from pipeline.support import tracking
+from pipeline.tracking import runs as tracking
 
 BOOK_WORKERS = 4  # d2l's get_dataloader_workers()
 
@@ -180,7 +180,7 @@ def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, experiment: 
 
 
 def time_log_epoch(experiment: str, repeats: int) -> dict:
-    """Seconds of one ``pipeline.support.tracking.log_epoch`` call: synchronous (as steps.train logs) and not."""
+    """Seconds of one ``pipeline.tracking.runs.log_epoch`` call: synchronous (as steps.train logs) and not."""
     metrics = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.5, "val_accuracy": 0.8}
     with mlflow.start_run(experiment_id=experiment, run_name="bench-log-epoch"):
         sync = [timed(tracking.log_epoch, {"epoch": i, **metrics})[0] for i in range(repeats)]

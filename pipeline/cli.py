@@ -40,8 +40,8 @@ RECORD_IN_PROJECT_EXPERIMENT = {"prepare", "train", "evaluate", "tune", "main", 
 class LazyGroup(click.Group):
     def invoke(self, ctx):
         # SIGTERM acts like Ctrl-C, from before the command imports anything heavy; an interrupted
-        # command has ended its runs KILLED, and says so in one line (pipeline.support.signals)
-        from pipeline.support import signals
+        # command has ended its runs KILLED, and says so in one line (pipeline.runtime.signals)
+        from pipeline.runtime import signals
 
         with signals.interrupts_raise_keyboard_interrupt():
             try:
@@ -75,7 +75,7 @@ class LazyGroup(click.Group):
         command = getattr(module, name.replace("-", "_") + "_command")
         if name in RECORD_IN_PROJECT_EXPERIMENT and not getattr(command.callback, "records_runs", False):
             # after parsing (so --help and bad options touch no server), before the command's first run
-            from pipeline.support.experiments import records_in_project_experiment
+            from pipeline.tracking.experiments import records_in_project_experiment
             command.callback = records_in_project_experiment(command.callback)
         return after_options_are_parsed(command)
 
@@ -83,14 +83,14 @@ class LazyGroup(click.Group):
 def after_options_are_parsed(command: click.Command) -> click.Command:
     """Before the command runs (its options parsed): mark the runs of this process as its own (the run
     ``mlflow run`` created for it, and each run it creates), and end the runs that killed processes
-    left RUNNING (``pipeline.support.owners``)."""
+    left RUNNING (``pipeline.runtime.processes``)."""
     if getattr(command, "cleans_up_first", False):
         return command
     callback = command.callback
 
     @functools.wraps(callback)
     def run(*args, **kwargs):
-        from pipeline.support import owners
+        from pipeline.runtime import processes as owners
 
         owners.tag_new_runs_with_their_owner()
         owners.claim_launched_run()
@@ -117,7 +117,7 @@ def cli(ctx, debug):
             raise PipelineError(problem)
     # Every command passes here first: several commands started at once on a new store must not
     # race to create it (nothing is opened yet: --help and bad options leave no store behind).
-    from pipeline.support import stores
+    from pipeline.runtime import store_files as stores
 
     stores.open_mlflow_stores_under_a_lock()
     stores.bounded_tracking_server_waits()

@@ -176,7 +176,7 @@ def printable_url(url: str) -> str:
 
 
 def named_store(error: BaseException) -> str:
-    """The store a database error came from (``pipeline.support.optuna_storage`` names the Optuna
+    """The store a database error came from (``pipeline.tuning.storage`` names the Optuna
     storage's URL in the errors of ``tune``)."""
     if from_optuna_storage(error):
         return "the Optuna storage"

@@ -66,7 +66,7 @@ SMOKE_TAG = "pipeline.smoke"
 CONVEX_SUMMARY_TAG = "pipeline.convex_summary"  # the convex optimum and how close the study came, in words
 SEED_TAG = "pipeline.seed"  # experiment files with seeds: the seed of the run (its point is POINT_TAG)
 TEST_DIGEST_TAG = "pipeline.test_digest"  # which test images the evaluation saw (paired tests need the same)
-OWNER_TAG = "pipeline.owner"  # the process running a run: {"host", "pid", "started"} (pipeline.support.owners)
+OWNER_TAG = "pipeline.owner"  # the process running a run: {"host", "pid", "started"} (pipeline.runtime.processes)
 
 # --- Optuna user attributes of a trial -------------------------------------------------------------
 RUN_ID_ATTR = "mlflow_run_id"

@@ -27,7 +27,7 @@ def use_store(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # MLflow puts artifacts in ./mlruns beside the store
     mlflow.set_tracking_uri(uri)
     experiment_vars = ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
-    for name in experiment_vars:  # a command run in-process sets them (pipeline.support.experiments)
+    for name in experiment_vars:  # a command run in-process sets them (pipeline.tracking.experiments)
         monkeypatch.delenv(name, raising=False)
     yield uri
     if mlflow.active_run():

@@ -11,7 +11,7 @@ import optuna
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.names import INTERRUPTED_ATTR, RUN_ID_ATTR, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG
-from pipeline.support.optuna_storage import open_storage
+from pipeline.tuning.storage import open_storage
 
 SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)
 

@@ -18,14 +18,14 @@ from mlflow import MlflowClient
 from pipeline.config import ConvexConfig, DataConfig, TrainConfig
 from pipeline.core import convex
 from pipeline.core.metrics import predict_logits
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError
 from pipeline.names import CONVEX_SUMMARY_TAG, MODEL_URI_ATTR
 from pipeline.steps.experiment import run_experiment
-from pipeline.support.experiment_file import load_spec
-from pipeline.support.tracking import load_model
+from pipeline.experiment_files.spec import load_spec
+from pipeline.tracking.runs import load_model
 
 WD = 1e-3
 

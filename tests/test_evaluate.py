@@ -15,7 +15,7 @@ from pipeline.core.splits import array_digest
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.train import train
-from pipeline.support.registry import promote_if_better
+from pipeline.tracking.registry import promote_if_better
 
 
 def train_model(splits, **cfg):

@@ -23,9 +23,9 @@ from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.names import FAILURE_TAG, INTERRUPTED_ATTR, OWNER_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
-from pipeline.support.optuna_storage import open_storage
-from pipeline.support.signals import interrupts_at_safe_points
-from pipeline.support.trials import work_on_study
+from pipeline.tuning.storage import open_storage
+from pipeline.runtime.signals import interrupts_at_safe_points
+from pipeline.tuning.trials import work_on_study
 from tests.fault_helpers import run_statuses
 from tests.study_helpers import load, tune_command
 

@@ -24,8 +24,8 @@ from optuna.trial import TrialState
 from pipeline.config import TuneConfig
 from pipeline.names import (FAILURE_TAG, INTERRUPTED_ATTR, MODEL_NAME, OWNER_ATTR, RUN_ID_ATTR, STUDY_TAG,
                             TRIAL_STATE_TAG, TRIAL_TAG)
-from pipeline.support.optuna_storage import open_storage
-from pipeline.support.trials import counts_toward_total
+from pipeline.tuning.storage import open_storage
+from pipeline.tuning.trials import counts_toward_total
 from tests.helpers import child_env
 
 KILLS_PER_STORAGE = 3

@@ -29,8 +29,8 @@ from optuna.trial import TrialState
 from pipeline.config import STORAGE_CONNECT_TIMEOUT_S, STORAGE_STATEMENT_TIMEOUT_S, TuneConfig
 from pipeline.errors import PipelineError, environment_problem
 from pipeline.names import EXPERIMENT_NAME, RUN_ID_ATTR, TRIAL_TAG
-from pipeline.support.dead_trials import recover_dead_trials
-from pipeline.support.optuna_storage import open_storage
+from pipeline.tuning.dead_trials import recover_dead_trials
+from pipeline.tuning.storage import open_storage
 from tests.fault_helpers import error_line, run_cli, run_statuses
 from tests.helpers import REPO, child_env
 from tests.test_faults_disk import fill, tmpfs

@@ -16,8 +16,8 @@ from pipeline.core.metrics import predict_logits
 from pipeline.names import MODEL_URI_TAG, ROLE_TAG
 from pipeline.steps.experiment import run_experiment
 from pipeline.steps.report import write_report
-from pipeline.support.experiment_file import load_spec
-from pipeline.support.tracking import load_model
+from pipeline.experiment_files.spec import load_spec
+from pipeline.tracking.runs import load_model
 
 LIMIT = 400
 SMALL = f"""

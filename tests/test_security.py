@@ -25,10 +25,10 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.names import CHAMPION, MODEL_NAME
-from pipeline.support import safe_models
-from pipeline.support.tracking import load_model, log_model, model_signature
+from pipeline.tracking import safe_loading as safe_models
+from pipeline.tracking.runs import load_model, log_model, model_signature
 from tests.fault_helpers import error_line, run_cli, run_in_process, run_statuses
 from tests.helpers import free_port, make, stop_process_group
 
@@ -301,7 +301,7 @@ def test_sigterm_while_loading_removes_the_temporary_copy(mlflow_store, env_with
     # The signal arrives while the checked copy exists: as Ctrl-C would, it unwinds the load.
     code = textwrap.dedent(f"""
         import os, signal, time
-        from pipeline.support.safe_models import checked_copy
+        from pipeline.tracking.safe_loading import checked_copy
         try:
             with checked_copy({str(folder)!r}):
                 os.kill(os.getpid(), signal.SIGTERM)

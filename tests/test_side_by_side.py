@@ -18,13 +18,13 @@ import torch
 from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig
-from pipeline.core.model import build_model
-from pipeline.core.side_by_side import fit_side_by_side
+from pipeline.core.models import build_model
+from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.training import DivergedError, Tensors, fit
 from pipeline.names import (FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR,
                             SIDE_BY_SIDE_TAG)
 from pipeline.steps.tune import run_study
-from pipeline.support.trials import SharedStudyRead
+from pipeline.tuning.trials import SharedStudyRead
 from tests.study_helpers import (SMALL_SPACE, assert_one_finished_run_per_trial, load, running_with_run, tune_command,
                                  wait_for_trials)
 

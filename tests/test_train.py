@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.core.splits import pixels
 from pipeline.core.training import DivergedError, Tensors, fit, score
 

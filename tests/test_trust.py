@@ -18,17 +18,17 @@ from mlflow import MlflowClient
 
 from pipeline.cli import cli
 from pipeline.config import DataConfig, SearchSpace, TuneConfig
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.core.splits import array_digest, prepare_splits
 from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
 from pipeline.names import (CHAMPION, MODEL_NAME, RUN_ID_ATTR, SPLIT_CHAMPION, STUDY_DATA_ATTRS, STUDY_TAG,
                             TRIAL_TAG, VAL_DIGEST_TAG, VERSION_VAL_DIGEST_TAG)
 from pipeline.steps.tune import run_study
-from pipeline.support import tracking
-from pipeline.support.optuna_storage import open_storage
-from pipeline.support.registry import promote_if_better
-from pipeline.support.trials import run_trial
+from pipeline.tracking import runs as tracking
+from pipeline.tuning.storage import open_storage
+from pipeline.tracking.registry import promote_if_better
+from pipeline.tuning.trials import run_trial
 from tests.helpers import REPO, child_env
 
 

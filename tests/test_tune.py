@@ -20,8 +20,8 @@ from pipeline.config import SearchSpace, TrainConfig, TuneConfig, is_journal
 from pipeline.errors import PipelineError
 from pipeline.names import BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR
 from pipeline.steps.tune import run_study
-from pipeline.support.optuna_storage import open_storage
-from pipeline.support.search import make_pruner, make_sampler
+from pipeline.tuning.storage import open_storage
+from pipeline.tuning.search import make_pruner, make_sampler
 from tests.study_helpers import (SMALL_SPACE, assert_one_finished_run_per_trial, load, running_with_run, trial_runs,
                                  tune_command, wait_for_trials)
 

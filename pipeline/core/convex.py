@@ -48,7 +48,7 @@ class Optimum:
 
 
 def zero_model() -> nn.Sequential:
-    """The model of ``pipeline.core.model`` in float64, started at 0 (the optimum does not depend on it)."""
+    """The model of ``pipeline.core.models`` in float64, started at 0 (the optimum does not depend on it)."""
     model = nn.Sequential(nn.Flatten(), nn.Linear(IMAGE_SIZE * IMAGE_SIZE, NUM_CLASSES)).double()
     for p in model.parameters():
         nn.init.zeros_(p)

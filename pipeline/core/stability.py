@@ -12,7 +12,7 @@ Two measurements on real Fashion-MNIST images, in float32 like the model itself:
    steps; the naive loss then turns inf and its gradient NaN, which poisons the weights for good, while
    the stable copy keeps training. We record the first step with a non-finite and with a NaN loss.
 
-``pipeline.steps.stability`` logs both to MLflow, with the figures of ``pipeline.support.figures``.
+``pipeline.steps.stability`` logs both to MLflow, with the figures of ``pipeline.core.figures``.
 """
 
 import math
@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import StabilityConfig, TrainConfig
 from pipeline.core.losses import naive_cross_entropy, naive_softmax, stable_cross_entropy
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.core.training import Tensors, fit
 
 LOSSES = {"naive": naive_cross_entropy, "stable": stable_cross_entropy}

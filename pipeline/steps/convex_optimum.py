@@ -28,9 +28,9 @@ from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
 from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR
 from pipeline.steps.evaluate import evaluate_on_test
-from pipeline.support import tracking
-from pipeline.support.optuna_storage import open_storage, printable_url
-from pipeline.support.params import log_new_params
+from pipeline.tracking import runs as tracking
+from pipeline.tuning.storage import open_storage, printable_url
+from pipeline.tracking.params import log_new_params
 
 
 def load_best_trial(cfg: ConvexConfig, missing_ok: bool = False) -> optuna.trial.FrozenTrial | None:

@@ -22,9 +22,10 @@ from pipeline.core.splits import Splits, array_digest
 from pipeline.core.stats import accuracy_with_interval, format_interval
 from pipeline.names import (CONFUSION_FIGURE, MISTAKES_FIGURE, PER_CLASS_CSV, PER_CLASS_TABLE, TEST_DIGEST_TAG,
                             TEST_PREDICTIONS)
-from pipeline.support import figures, tracking
-from pipeline.support.params import log_new_params
-from pipeline.support.signals import runs_killed_at_once
+from pipeline.core import figures
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.params import log_new_params
+from pipeline.runtime.signals import runs_killed_at_once
 
 
 def evaluate_on_test(model_uri: str, splits: Splits, model: torch.nn.Module | None = None) -> dict:

@@ -1,6 +1,6 @@
 """Step ``experiment``: run an experiment file (``experiments/*.yaml``) into one MLflow experiment.
 
-The file's format is checked by ``pipeline.support.experiment_file`` before anything runs. Then the data
+The file's format is checked by ``pipeline.experiment_files.spec`` before anything runs. Then the data
 are prepared once; a parent run (tag ``pipeline.role=experiment``, the YAML file as its artifact) holds
 one nested run per grid point, each trained in-process with ``pipeline.steps.train.train`` and then
 tested with ``pipeline.steps.evaluate.evaluate_on_test``, so every run in the report has a test
@@ -27,11 +27,11 @@ from pipeline.names import FAILURE_TAG, FILE_TAG, POINT_TAG, ROLE_TAG, SEED_TAG,
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.stability import run_stability
 from pipeline.steps.train import train
-from pipeline.support import tracking
-from pipeline.support.experiment_file import ExperimentSpec, load_spec, point_name, runs_text, split_study
-from pipeline.support.experiments import mark_as_training
-from pipeline.support.params import log_new_params
-from pipeline.support.signals import runs_killed_at_safe_points
+from pipeline.tracking import runs as tracking
+from pipeline.experiment_files.spec import ExperimentSpec, load_spec, point_name, runs_text, split_study
+from pipeline.tracking.experiments import mark_as_training
+from pipeline.tracking.params import log_new_params
+from pipeline.runtime.signals import runs_killed_at_safe_points
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
 
     A grid point whose training diverges ends as a FAILED run and the others still run; the call
     raises at the end, naming the failed points, so the command exits non-zero. Ctrl-C and SIGTERM end
-    the parent run and the point's run KILLED at the next safe point (``support.signals``): after the
+    the parent run and the point's run KILLED at the next safe point (``pipeline.runtime.signals``): after the
     epoch under way, or when a convex-optimum or stability point ends (they compute, then write).
     """
     name = spec.name + (SMOKE_SUFFIX if caps.active else "")

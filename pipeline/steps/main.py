@@ -34,10 +34,10 @@ from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL_NAME, MODEL_URI_TAG,
                             PREPARED_ARTIFACT, STEP_TAG, STUDY_TAG)
-from pipeline.support.delivery import record_delivered
-from pipeline.support.params import log_new_params
-from pipeline.support.registry import promote_if_better
-from pipeline.support.signals import interrupt_reason, runs_killed_at_once
+from pipeline.tracking.delivery import record_delivered
+from pipeline.tracking.params import log_new_params
+from pipeline.tracking.registry import promote_if_better
+from pipeline.runtime.signals import interrupt_reason, runs_killed_at_once
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 

@@ -8,9 +8,9 @@ import numpy as np
 
 from pipeline.cli import options_from
 from pipeline.config import CLASS_NAMES, DataInput, ModelInput
-from pipeline.core.images import read_photo, top_k, unsure_reasons
+from pipeline.core.photos import read_photo, top_k, unsure_reasons
 from pipeline.errors import PipelineError
-from pipeline.support import tracking
+from pipeline.tracking import runs as tracking
 
 
 @click.command("predict")

@@ -14,9 +14,10 @@ from pipeline.config import DataConfig
 from pipeline.core.idx import locate_raw_files
 from pipeline.core.splits import SPLITS, Splits, prepare_splits
 from pipeline.names import CACHE_KEY_TAG, CACHE_REUSED_TAG, CLASS_COUNTS, PREPARED_ARTIFACT, SAMPLES_FIGURE
-from pipeline.support import figures, tracking
-from pipeline.support.params import log_new_params
-from pipeline.support.signals import runs_killed_at_once
+from pipeline.core import figures
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.params import log_new_params
+from pipeline.runtime.signals import runs_killed_at_once
 
 
 def prepare(cfg: DataConfig) -> Splits:

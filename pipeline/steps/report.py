@@ -14,7 +14,7 @@ reports both: ``test_accuracy`` (the kept, best-validation model: what the run d
 
 Uncertainty: every test accuracy comes with its 95% Wilson interval (``test_ci_low``, ``test_ci_high``);
 when the runs repeat grid points over seeds, a second table shows each point's mean ± standard
-deviation over seeds and McNemar's paired test against the seed recipe (``pipeline.support.comparisons``).
+deviation over seeds and McNemar's paired test against the seed recipe (``pipeline.reports.comparisons``).
 """
 
 import datetime
@@ -28,8 +28,9 @@ from mlflow import MlflowClient
 from pipeline.errors import PipelineError, short_repr
 from pipeline.names import (LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_CURVES, REPORT_FOLDER, ROLE_TAG, SEEDS_CSV,
                             TRIAL_STATE_TAG)
-from pipeline.support import comparisons, figures
-from pipeline.support.signals import runs_killed_at_once
+from pipeline.reports import comparisons
+from pipeline.core import figures
+from pipeline.runtime.signals import runs_killed_at_once
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
 EVALUATION_STEP = 0  # evaluate_on_test logs without a step; the test curve's steps are the epochs 1..N

@@ -14,8 +14,9 @@ from pipeline.core.splits import Splits
 from pipeline.core.stability import scale_sweep, summarize, train_side_by_side, trained_logits
 from pipeline.core.training import Tensors
 from pipeline.names import STABILITY_TABLES
-from pipeline.support import figures, tracking
-from pipeline.support.params import log_new_params
+from pipeline.core import figures
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.params import log_new_params
 
 
 def run_stability(cfg: StabilityConfig, splits: Splits, tensors: Tensors | None = None) -> dict:

@@ -2,7 +2,7 @@
 
 MLflow's own ``mlflow run`` creates a new store itself, before any code of ours runs; several started
 at once on a new store collide while they create its tables (and, on a new experiment, while they
-create it). One command of ours makes both first, under the store's lock (``pipeline.support.stores``):
+create it). One command of ours makes both first, under the store's lock (``pipeline.runtime.store_files``):
 ``make run`` runs it before ``mlflow run``. Imports only MLflow.
 """
 

@@ -2,7 +2,7 @@
 
 The loop itself is plain PyTorch (``pipeline.core.training.fit``); this step wraps MLflow around it: the
 settings as params, one batched metrics call per epoch, the curves figure, the best epoch's model.
-Optuna's trials (``pipeline.support.trials``) and experiment files train through ``train`` too.
+Optuna's trials (``pipeline.tuning.trials``) and experiment files train through ``train`` too.
 """
 
 from dataclasses import asdict
@@ -13,13 +13,14 @@ from tqdm import tqdm
 
 from pipeline.cli import make_config, options_from
 from pipeline.config import DataInput, TrainConfig
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.core.splits import Splits, array_digest
 from pipeline.core.training import DivergedError, FitResult, Tensors, fit
 from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
-from pipeline.support import figures, tracking
-from pipeline.support.params import log_new_params
-from pipeline.support.signals import held_during_write, runs_killed_at_safe_points
+from pipeline.core import figures
+from pipeline.tracking import runs as tracking
+from pipeline.tracking.params import log_new_params
+from pipeline.runtime.signals import held_during_write, runs_killed_at_safe_points
 
 
 def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
@@ -65,7 +66,7 @@ def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
 def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
     """After training, on the active run: the curves figure, the best epoch's model and the summary.
 
-    Trials trained side by side (``pipeline.support.batched_trials``) log through here too.
+    Trials trained side by side (``pipeline.tuning.stacked_trials``) log through here too.
     """
     mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
     model_info = tracking.log_model(result.model, splits.val_x[:4], step=result.best_epoch,
@@ -82,7 +83,7 @@ def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
 def train_command(data, **options):
     """Train the softmax regression and log curves and the model."""
     cfg = make_config(TrainConfig, options)
-    # Ctrl-C and SIGTERM end the run KILLED after the epoch under way (support.signals)
+    # Ctrl-C and SIGTERM end the run KILLED after the epoch under way (pipeline.runtime.signals)
     with mlflow.start_run(run_name="train") as run, runs_killed_at_safe_points() as interrupted:
         log_new_params({"data": data})
         splits = tracking.load_data(data)

@@ -2,13 +2,13 @@
 
 How a study runs (``run_study``), inside the MLflow run of the ``tune`` command (the parent run):
 
-1. open the study in its storage, or create it (``pipeline.support.optuna_storage``); a new study gets
+1. open the study in its storage, or create it (``pipeline.tuning.storage``); a new study gets
    the book's seed recipe as its first trial, so the search can never report worse than the baseline;
-2. one or more workers take trials until the study holds ``trials`` of them (``pipeline.support.trials``,
-   ``pipeline.support.workers``). Workers may be processes on this machine (``--workers``) or other
+2. one or more workers take trials until the study holds ``trials`` of them (``pipeline.tuning.trials``,
+   ``pipeline.tuning.workers``). Workers may be processes on this machine (``--workers``) or other
    machines running the same command against the same database; each trial is a nested MLflow run;
 3. the parent run records the best trial, a table of all trials and the study's figures
-   (``pipeline.support.study_record``);
+   (``pipeline.tuning.record``);
 4. the best trial's model is tested and registered (``final_test``).
 """
 
@@ -24,14 +24,15 @@ from pipeline.config import DataInput, SearchSpace, TuneConfig
 from pipeline.core.splits import Splits, array_digest
 from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_TAG
 from pipeline.steps.evaluate import evaluate_on_test
-from pipeline.support import owners, tracking
-from pipeline.support.dead_trials import recover_dead_trials
-from pipeline.support.optuna_storage import open_storage, open_study, printable_url, storage_faults_named
-from pipeline.support.params import log_new_params
-from pipeline.support.registry import promote_if_better
-from pipeline.support.signals import runs_killed_at_safe_points
-from pipeline.support.study_record import describe, log_figures, log_trials_table, record_best
-from pipeline.support.workers import run_workers
+from pipeline.runtime import processes as owners
+from pipeline.tracking import runs as tracking
+from pipeline.tuning.dead_trials import recover_dead_trials
+from pipeline.tuning.storage import open_storage, open_study, printable_url, storage_faults_named
+from pipeline.tracking.params import log_new_params
+from pipeline.tracking.registry import promote_if_better
+from pipeline.runtime.signals import runs_killed_at_safe_points
+from pipeline.tuning.record import describe, log_figures, log_trials_table, record_best
+from pipeline.tuning.workers import run_workers
 
 
 def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
@@ -49,7 +50,7 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
     """Run (or resume) the study, record it on the active MLflow run, test and register the best.
 
     Called inside ``mlflow.start_run()`` like the other steps (one is opened if none is active). Ctrl-C
-    and SIGTERM fail the running trials and end every active run KILLED (``support.signals``).
+    and SIGTERM fail the running trials and end every active run KILLED (``pipeline.runtime.signals``).
     """
     tune_cfg.validate()
     space.validate()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import NUM_CLASSES, TrainConfig
-from pipeline.core.model import build_model
+from pipeline.core.models import build_model
 from pipeline.core.splits import pixels
 from pipeline.core.training import DivergedError, FitResult, Tensors, batch_orders
 

@@ -18,7 +18,7 @@ from mlflow.tracking.context import registry as context_registry
 from mlflow.tracking.context.abstract_context import RunContextProvider
 
 from pipeline.names import FAILURE_TAG, OWNER_TAG
-from pipeline.support.stores import sqlite_file
+from pipeline.runtime.store_files import sqlite_file
 
 
 def this_host() -> str:

@@ -7,7 +7,7 @@ opened under a file lock beside it (``mlflow.db.lock``): the first process creat
 while the others wait, then find it ready. It is made in a staging file and moved into place when
 complete, so that a process killed meanwhile leaves no half-made store. Opening an existing store
 under the lock takes milliseconds. Other databases (PostgreSQL, MySQL) have no file to lock beside: their creation is
-retried instead (``pipeline.support.optuna_storage``).
+retried instead (``pipeline.tuning.storage``).
 """
 
 import contextlib

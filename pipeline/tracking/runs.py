@@ -25,7 +25,7 @@ from pipeline.config import IMAGE_SIZE, NUM_CLASSES, DataConfig
 from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits, to_tensor
 from pipeline.errors import PipelineError
 from pipeline.names import DATASET_CONTEXTS, MODEL_ARTIFACT
-from pipeline.support.safe_models import load_own_model
+from pipeline.tracking.safe_loading import load_own_model
 
 
 @functools.cache

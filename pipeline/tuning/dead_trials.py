@@ -5,13 +5,13 @@ ever: a rerun would stop one trial short (9 COMPLETE + 1 RUNNING for ``--trials 
 such trials, at the start of a study and whenever a worker waits for the last trials:
 
 - owner check, every storage: each trial records its worker (``OWNER_ATTR``: host, pid, start time,
-  ``pipeline.support.owners``); a worker on this host that is gone is dead at once;
+  ``pipeline.runtime.processes``); a worker on this host that is gone is dead at once;
 - heartbeats, database storages only: Optuna fails a trial whose worker (on any host) has been silent
   for two ``--heartbeat-interval`` s; a journal file has no heartbeats, so a trial of a worker that
   died on another machine stays RUNNING there until its study is resumed on that machine.
 
 A dead trial becomes FAIL without a result (``INTERRUPTED_ATTR`` says why), so a new trial takes its
-place (``pipeline.support.trials.counts_toward_total``), and its MLflow run ends KILLED.
+place (``pipeline.tuning.trials.counts_toward_total``), and its MLflow run ends KILLED.
 """
 
 import warnings
@@ -21,8 +21,8 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from pipeline.names import INTERRUPTED_ATTR, OWNER_ATTR
-from pipeline.support import owners
-from pipeline.support.optuna_storage import close_stale_run
+from pipeline.runtime import processes as owners
+from pipeline.tuning.storage import close_stale_run
 
 
 def has_heartbeats(study: optuna.Study) -> bool:

@@ -6,7 +6,7 @@ interrupt can never cut them short (the worker would die reading them, with a tr
 
 The parent only waits, looking for an interrupt a few times a second (``POLL_SECONDS``): one that comes
 is passed on to every worker as SIGTERM; each fails its running trials and ends their runs KILLED at its
-next safe point (``support.signals``), then exits quietly; the parent waits for them all, then ends its
+next safe point (``pipeline.runtime.signals``), then exits quietly; the parent waits for them all, then ends its
 own run KILLED.
 """
 
@@ -22,9 +22,9 @@ import mlflow
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
 from pipeline.errors import PipelineError, quiet_store_tracebacks, show_traceback_when_debugging
-from pipeline.support.optuna_storage import storage_faults_named
-from pipeline.support.signals import exit_status, interrupts_at_safe_points
-from pipeline.support.trials import work_on_study
+from pipeline.tuning.storage import storage_faults_named
+from pipeline.runtime.signals import exit_status, interrupts_at_safe_points
+from pipeline.tuning.trials import work_on_study
 
 POLL_SECONDS = 0.2  # how often the waiting parent looks for an interrupt
 

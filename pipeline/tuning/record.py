@@ -10,8 +10,8 @@ from optuna.trial import TrialState
 from pipeline.errors import PipelineError
 from pipeline.names import (BEST_MODEL_TAG, BEST_RUN_TAG, BEST_TRIAL_TAG, MODEL_URI_ATTR, RUN_ID_ATTR,
                             STUDY_BEST_MODEL_ATTR, STUDY_FOLDER)
-from pipeline.support import figures
-from pipeline.support.search import training_params
+from pipeline.core import figures
+from pipeline.tuning.search import training_params
 
 SEARCHED = ["lr", "epochs", "weight_decay"]
 LOG_SCALE = {"lr", "weight_decay"}

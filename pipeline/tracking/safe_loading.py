@@ -33,7 +33,7 @@ from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION, ML
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
-from pipeline.support.signals import interrupts_raise_keyboard_interrupt
+from pipeline.runtime.signals import interrupts_raise_keyboard_interrupt
 
 URI_FORMS = ("runs:/<run_id>/model, models:/<name>@<alias>, models:/<name>/<version>, models:/<model_id> "
              "or a local model folder")

@@ -18,18 +18,18 @@ from pipeline.core.training import DivergedError, Tensors
 from pipeline.names import (BEST_EPOCH_ATTR, FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR,
                             OWNER_ATTR, OWNER_TAG, RUN_ID_ATTR, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG)
 from pipeline.steps.train import train
-from pipeline.support.dead_trials import recover_dead_trials, watched_running_trials
-from pipeline.support.optuna_storage import open_storage
-from pipeline.support.owners import this_process
-from pipeline.support.search import make_pruner, make_sampler, suggest_params
-from pipeline.support.signals import interrupt_reason, interrupts_at_safe_points
+from pipeline.tuning.dead_trials import recover_dead_trials, watched_running_trials
+from pipeline.tuning.storage import open_storage
+from pipeline.runtime.processes import this_process
+from pipeline.tuning.search import make_pruner, make_sampler, suggest_params
+from pipeline.runtime.signals import interrupt_reason, interrupts_at_safe_points
 
 
 class PrunerReport:
     """An ``on_epoch`` callback: report val accuracy to the trial's pruner, stop the trial if it says so.
 
     One per trial, whether trained one at a time (through ``steps.train``, logging to the active run)
-    or side by side (``pipeline.support.batched_trials``, logging to the trial's ``run_id``, and with
+    or side by side (``pipeline.tuning.stacked_trials``, logging to the trial's ``run_id``, and with
     the stack's trials sharing one read of the study per epoch: ``shared``).
     """
 
@@ -171,7 +171,7 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
     # Ctrl-C and SIGTERM stop the trials only at safe points, between the stores' writes (why: signals.py)
     with interrupts_at_safe_points() as interrupted:
         if cfg.side_by_side > 1:  # K trials at a time, trained as one stack (imported here: it imports us)
-            from pipeline.support.batched_trials import work_side_by_side
+            from pipeline.tuning.stacked_trials import work_side_by_side
             return work_side_by_side(study, cfg, space, splits, tensors, parent, interrupted)
         while True:
             interrupted()

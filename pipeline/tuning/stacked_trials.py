@@ -1,7 +1,7 @@
 """Trials side by side (``tune --side-by-side K``): K Optuna trials trained at once as one stacked layer.
 
-``pipeline.support.trials`` runs one trial at a time through ``study.optimize``. Here Optuna's ask/tell
-interface takes K trials at once; ``pipeline.core.side_by_side`` trains them together on the same
+``pipeline.tuning.trials`` runs one trial at a time through ``study.optimize``. Here Optuna's ask/tell
+interface takes K trials at once; ``pipeline.core.stacked`` trains them together on the same
 batches, each exactly as it would train alone. Each trial still gets everything a trial gets one at a
 time: its own nested MLflow run with its params, per-epoch metrics, curves figure, model and summary
 (logged by ``steps.train.log_fit_result``), its own pruner reports, and its own end: COMPLETE, PRUNED or
@@ -27,7 +27,7 @@ from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread
 from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig
-from pipeline.core.side_by_side import fit_side_by_side
+from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.splits import Splits
 from pipeline.core.training import DivergedError, FitResult, Tensors
 from pipeline.errors import fault_of
@@ -35,13 +35,13 @@ from pipeline.names import (BEST_EPOCH_ATTR, FAIL_REASON_ATTR, FAILURE_TAG, INTE
                             OWNER_ATTR, OWNER_TAG, RUN_ID_ATTR, SIDE_BY_SIDE_TAG, STUDY_TAG, TRIAL_STATE_TAG,
                             TRIAL_TAG)
 from pipeline.steps.train import log_fit_result, log_training_inputs
-from pipeline.support import tracking
-from pipeline.support.dead_trials import recover_dead_trials
-from pipeline.support.optuna_storage import storage_problem
-from pipeline.support.owners import this_process
-from pipeline.support.search import make_sampler, suggest_params
-from pipeline.support.signals import interrupt_reason
-from pipeline.support.trials import (PrunerReport, SharedStudyRead, SurplusTrial, counts_toward_total,
+from pipeline.tracking import runs as tracking
+from pipeline.tuning.dead_trials import recover_dead_trials
+from pipeline.tuning.storage import storage_problem
+from pipeline.runtime.processes import this_process
+from pipeline.tuning.search import make_sampler, suggest_params
+from pipeline.runtime.signals import interrupt_reason
+from pipeline.tuning.trials import (PrunerReport, SharedStudyRead, SurplusTrial, counts_toward_total,
                                      refuse_surplus, wait_for_running_trials)
 
 
@@ -64,7 +64,7 @@ def ask(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, parent, runnin
     ``pruning``: the stack's shared read of the study for its pruner. ``shuffle_offset``: the epochs of
     batch orders the stack has drawn before this trial joins it (its params record it, so that the trial
     trained alone with them gives the same result)."""
-    # a fresh sampler per trial, seeded as pipeline.support.trials does: one worker gives the same study
+    # a fresh sampler per trial, seeded as pipeline.tuning.trials does: one worker gives the same study
     # for the same seed, workers elsewhere draw different points
     study.sampler = make_sampler(cfg.sampler, cfg.seed + len(study.get_trials(deepcopy=False)))
     with warnings.catch_warnings():  # Optuna warns that heartbeats belong to optimize: we record them below

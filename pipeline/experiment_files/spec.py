@@ -14,7 +14,7 @@ A file names the MLflow experiment, the entry point, its fixed parameters, and e
     seeds: [0, 1, 2]                   # optional (train, stability): every grid point once per seed
 
 Why the checking is hand-made: a typo such as ``lrr: 0.1`` must not silently train with the default.
-Each problem is reported as ``experiments/x.yaml line 7: ...`` (``pipeline.support.yaml_nodes``); the
+Each problem is reported as ``experiments/x.yaml line 7: ...`` (``pipeline.experiment_files.yaml_nodes``); the
 allowed keys and their types come from the config dataclasses themselves, so a new config field is
 accepted here without touching this module.
 """
@@ -31,7 +31,7 @@ import yaml
 from pipeline.config import (ConvexConfig, DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig,
                              TuneConfig)
 from pipeline.errors import PipelineError, short_repr
-from pipeline.support.yaml_nodes import (FileProblem, check_known, compose_plain, mapping_items, typed_mapping,
+from pipeline.experiment_files.yaml_nodes import (FileProblem, check_known, compose_plain, mapping_items, typed_mapping,
                                          typed_value)
 
 TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study", "seeds")
