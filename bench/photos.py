@@ -29,8 +29,8 @@ from scipy import ndimage
 
 from bench.common import Result
 from pipeline.config import CLASS_NAMES, DataConfig, TrainConfig
-from pipeline.core.photos import read_photo, top_k, unsure
 from pipeline.core.models import build_model
+from pipeline.core.photos import read_photo, top_k, unsure
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError

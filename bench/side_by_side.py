@@ -22,8 +22,8 @@ import optuna
 from bench.common import Result, subprocess_env
 from pipeline.config import DataConfig, SearchSpace, TrainConfig
 from pipeline.core.models import build_model
-from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.splits import prepare_splits
+from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.training import Tensors, fit
 
 SPACE = SearchSpace()

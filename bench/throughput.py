@@ -16,9 +16,9 @@ import gzip
 import math
 import tempfile
 import time
-from statistics import median
 import warnings
 from pathlib import Path
+from statistics import median
 
 import mlflow
 import torch
@@ -34,7 +34,7 @@ from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, batch_orders, fit, train_epoch
 from pipeline.steps.train import train
-from pipeline.tracking import runs as tracking
+from pipeline.tracking.runs import log_epoch
 
 BOOK_WORKERS = 4  # d2l's get_dataloader_workers()
 
@@ -183,8 +183,8 @@ def time_log_epoch(experiment: str, repeats: int) -> dict:
     """Seconds of one ``pipeline.tracking.runs.log_epoch`` call: synchronous (as steps.train logs) and not."""
     metrics = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.5, "val_accuracy": 0.8}
     with mlflow.start_run(experiment_id=experiment, run_name="bench-log-epoch"):
-        sync = [timed(tracking.log_epoch, {"epoch": i, **metrics})[0] for i in range(repeats)]
-        background = [timed(tracking.log_epoch, {"epoch": repeats + i, **metrics}, synchronous=False)[0]
+        sync = [timed(log_epoch, {"epoch": i, **metrics})[0] for i in range(repeats)]
+        background = [timed(log_epoch, {"epoch": repeats + i, **metrics}, synchronous=False)[0]
                       for i in range(repeats)]
     return {"synchronous": sync, "asynchronous": background}
 

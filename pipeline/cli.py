@@ -17,8 +17,15 @@ import sys
 
 import click
 
-from pipeline.errors import (DEBUG_ENV, DEFAULT_TRACKING_URI, PipelineError, environment_problem,
-                             quiet_store_tracebacks, show_traceback_when_debugging, unwritable_sqlite_store)
+from pipeline.errors import (
+    DEBUG_ENV,
+    DEFAULT_TRACKING_URI,
+    PipelineError,
+    environment_problem,
+    quiet_store_tracebacks,
+    show_traceback_when_debugging,
+    unwritable_sqlite_store,
+)
 
 COMMANDS = {  # command name -> the module of the step that defines it
     "locate-data": "pipeline.steps.prepare",

@@ -12,8 +12,8 @@ applies it to every command. Anything else, a bug above all, keeps its traceback
 import errno
 import logging
 import os
-import reprlib
 import re
+import reprlib
 import socket
 import sqlite3
 import sys
@@ -22,7 +22,6 @@ import traceback
 from dataclasses import dataclass
 
 import click
-
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)

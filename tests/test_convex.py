@@ -22,10 +22,10 @@ from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError
+from pipeline.experiment_files.spec import load_spec
 from pipeline.names import CONVEX_SUMMARY_TAG, MODEL_URI_ATTR
 from pipeline.steps.experiment import run_experiment
-from pipeline.experiment_files.spec import load_spec
-from pipeline.tracking.runs import load_model
+from pipeline.tracking.safe_loading import load_model
 
 WD = 1e-3
 

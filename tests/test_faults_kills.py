@@ -22,8 +22,16 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from pipeline.config import TuneConfig
-from pipeline.names import (FAILURE_TAG, INTERRUPTED_ATTR, MODEL_NAME, OWNER_ATTR, RUN_ID_ATTR, STUDY_TAG,
-                            TRIAL_STATE_TAG, TRIAL_TAG)
+from pipeline.names import (
+    FAILURE_TAG,
+    INTERRUPTED_ATTR,
+    MODEL_NAME,
+    OWNER_ATTR,
+    RUN_ID_ATTR,
+    STUDY_TAG,
+    TRIAL_STATE_TAG,
+    TRIAL_TAG,
+)
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.trials import counts_toward_total
 from tests.helpers import child_env

@@ -19,13 +19,20 @@ from scipy import ndimage
 from bench import photos as benchmark
 from pipeline.cli import cli
 from pipeline.config import DataConfig, TrainConfig
-from pipeline.core.photos import (MAX_PHOTO_PIXELS, SMOOTHING, UNSURE_BELOW, WORK_SIDE, image_to_array, read_photo,
-                                  top_k)
 from pipeline.core.models import build_model
+from pipeline.core.photos import (
+    MAX_PHOTO_PIXELS,
+    SMOOTHING,
+    UNSURE_BELOW,
+    WORK_SIDE,
+    image_to_array,
+    read_photo,
+    top_k,
+)
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError
-from pipeline.tracking.runs import log_model
+from pipeline.tracking.logged_models import log_model
 from tests.fault_helpers import run_cli
 
 CANVAS = (200, 170)  # width, height of the "photo"

@@ -10,14 +10,14 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.config import DataConfig
+from pipeline.core.metrics import predict_logits
 from pipeline.core.splits import prepare_splits
 from pipeline.errors import PipelineError
-from pipeline.core.metrics import predict_logits
+from pipeline.experiment_files.spec import load_spec
 from pipeline.names import MODEL_URI_TAG, ROLE_TAG
 from pipeline.steps.experiment import run_experiment
 from pipeline.steps.report import write_report
-from pipeline.experiment_files.spec import load_spec
-from pipeline.tracking.runs import load_model
+from pipeline.tracking.safe_loading import load_model
 
 LIMIT = 400
 SMALL = f"""

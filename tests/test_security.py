@@ -12,7 +12,6 @@ of them is copied.
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,8 @@ from mlflow import MlflowClient
 from pipeline.core.models import build_model
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.tracking import safe_loading as safe_models
-from pipeline.tracking.runs import load_model, log_model, model_signature
+from pipeline.tracking.logged_models import model_signature
+from pipeline.tracking.safe_loading import load_model
 from tests.fault_helpers import error_line, run_cli, run_in_process, run_statuses
 from tests.helpers import free_port, make, stop_process_group
 

@@ -21,12 +21,24 @@ from pipeline.config import SearchSpace, TrainConfig, TuneConfig
 from pipeline.core.models import build_model
 from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.training import DivergedError, Tensors, fit
-from pipeline.names import (FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR, RUN_ID_ATTR,
-                            SIDE_BY_SIDE_TAG)
+from pipeline.names import (
+    FAIL_REASON_ATTR,
+    FAILURE_TAG,
+    INTERRUPTED_ATTR,
+    MODEL_URI_ATTR,
+    RUN_ID_ATTR,
+    SIDE_BY_SIDE_TAG,
+)
 from pipeline.steps.tune import run_study
 from pipeline.tuning.trials import SharedStudyRead
-from tests.study_helpers import (SMALL_SPACE, assert_one_finished_run_per_trial, load, running_with_run, tune_command,
-                                 wait_for_trials)
+from tests.study_helpers import (
+    SMALL_SPACE,
+    assert_one_finished_run_per_trial,
+    load,
+    running_with_run,
+    tune_command,
+    wait_for_trials,
+)
 
 # lr differs by 10x and more, weight decay on and off: the per-model parts of the SGD step are exercised
 CONFIGS = [TrainConfig(lr=0.1, epochs=3, patience=0),

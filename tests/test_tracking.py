@@ -17,7 +17,7 @@ from pipeline.core.training import Tensors
 from pipeline.names import MODEL_URI_TAG
 from pipeline.steps.prepare import prepare
 from pipeline.steps.train import train
-from pipeline.tracking.runs import load_data
+from pipeline.tracking.datasets import load_data
 from tests.helpers import REPO
 
 

@@ -22,12 +22,21 @@ from pipeline.core.models import build_model
 from pipeline.core.splits import array_digest, prepare_splits
 from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
-from pipeline.names import (CHAMPION, MODEL_NAME, RUN_ID_ATTR, SPLIT_CHAMPION, STUDY_DATA_ATTRS, STUDY_TAG,
-                            TRIAL_TAG, VAL_DIGEST_TAG, VERSION_VAL_DIGEST_TAG)
+from pipeline.names import (
+    CHAMPION,
+    MODEL_NAME,
+    RUN_ID_ATTR,
+    SPLIT_CHAMPION,
+    STUDY_DATA_ATTRS,
+    STUDY_TAG,
+    TRIAL_TAG,
+    VAL_DIGEST_TAG,
+    VERSION_VAL_DIGEST_TAG,
+)
 from pipeline.steps.tune import run_study
-from pipeline.tracking import runs as tracking
-from pipeline.tuning.storage import open_storage
+from pipeline.tracking.logged_models import log_model
 from pipeline.tracking.registry import promote_if_better
+from pipeline.tuning.storage import open_storage
 from pipeline.tuning.trials import run_trial
 from tests.helpers import REPO, child_env
 
@@ -68,7 +77,7 @@ def test_main_refuses_settings_that_would_not_act(args, message, new_mlflow_stor
 def register(splits, val_accuracy: float, digest: str) -> dict:
     """A real logged model, offered to the registry as chosen on the split with ``digest``."""
     with mlflow.start_run():
-        info = tracking.log_model(build_model(0), splits.val_x[:4], step=0)
+        info = log_model(build_model(0), splits.val_x[:4], step=0)
         return promote_if_better(info.model_uri, val_accuracy, digest)
 
 

@@ -18,12 +18,26 @@ from optuna.trial import TrialState
 from pipeline.cli import cli
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig, is_journal
 from pipeline.errors import PipelineError
-from pipeline.names import BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR
+from pipeline.names import (
+    BEST_MODEL_TAG,
+    CHAMPION,
+    FAIL_REASON_ATTR,
+    MODEL_NAME,
+    MODEL_URI_ATTR,
+    RUN_ID_ATTR,
+)
 from pipeline.steps.tune import run_study
-from pipeline.tuning.storage import open_storage
 from pipeline.tuning.search import make_pruner, make_sampler
-from tests.study_helpers import (SMALL_SPACE, assert_one_finished_run_per_trial, load, running_with_run, trial_runs,
-                                 tune_command, wait_for_trials)
+from pipeline.tuning.storage import open_storage
+from tests.study_helpers import (
+    SMALL_SPACE,
+    assert_one_finished_run_per_trial,
+    load,
+    running_with_run,
+    trial_runs,
+    tune_command,
+    wait_for_trials,
+)
 
 # ---------------------------------------------------------------------------------------------------
 # Configuration errors: caught before any study or run exists

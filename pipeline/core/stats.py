@@ -71,7 +71,9 @@ def mcnemar_p_value(only_a: int, only_b: int) -> float:
     """Two-sided exact p-value from the discordant counts; 1.0 when the models never disagree."""
     if only_a + only_b == 0:
         return 1.0
-    from scipy.stats import binomtest  # imported here: `main` uses this module only to format, without scipy
+    from scipy.stats import (
+        binomtest,  # imported here: `main` uses this module only to format, without scipy
+    )
 
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 

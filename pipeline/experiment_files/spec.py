@@ -28,11 +28,24 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import (ConvexConfig, DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig,
-                             TuneConfig)
+from pipeline.config import (
+    ConvexConfig,
+    DataConfig,
+    ExperimentOptions,
+    SearchSpace,
+    StabilityConfig,
+    TrainConfig,
+    TuneConfig,
+)
 from pipeline.errors import PipelineError, short_repr
-from pipeline.experiment_files.yaml_nodes import (FileProblem, check_known, compose_plain, mapping_items, typed_mapping,
-                                         typed_value)
+from pipeline.experiment_files.yaml_nodes import (
+    FileProblem,
+    check_known,
+    compose_plain,
+    mapping_items,
+    typed_mapping,
+    typed_value,
+)
 
 TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study", "seeds")
 # The experiment's name becomes a folder (reports/<name>/) and a command-line argument (report NAME):

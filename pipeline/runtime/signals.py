@@ -20,7 +20,6 @@ import signal
 import threading
 
 from pipeline.errors import PipelineError
-from pipeline.names import FAILURE_TAG
 
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM)
 
@@ -136,45 +135,3 @@ def held_during_write():
     finally:
         if arrived:
             signal.raise_signal(arrived[0])
-
-
-def end_active_runs_killed(reason: str) -> None:
-    """End every active MLflow run of this process KILLED, innermost first, with ``reason`` as its tag;
-    a tag that cannot be written does not keep the run from ending."""
-    import mlflow
-
-    while mlflow.active_run() is not None:
-        try:
-            mlflow.set_tag(FAILURE_TAG, reason)
-        finally:
-            mlflow.end_run("KILLED")
-
-
-@contextlib.contextmanager
-def runs_end_killed_on_interrupt():
-    """On KeyboardInterrupt inside the block, end every active run KILLED with the reason, then let it go on.
-
-    Put it inside the ``with mlflow.start_run()`` of the run(s) to end: that block would end its run
-    FAILED on the way out (one of these in an inner block has ended them all, so an outer one is a no-op).
-    """
-    try:
-        yield
-    except KeyboardInterrupt as e:
-        end_active_runs_killed(interrupt_reason(e))
-        raise
-
-
-@contextlib.contextmanager
-def runs_killed_at_safe_points():
-    """For a command that writes while it works: Ctrl-C and SIGTERM end its runs KILLED at the next safe
-    point, ``check()``, which it yields, or at the end of the block."""
-    with interrupts_at_safe_points() as interrupted, runs_end_killed_on_interrupt():
-        yield interrupted
-        interrupted()  # inside: one that came after the last safe point still ends the runs KILLED
-
-
-@contextlib.contextmanager
-def runs_killed_at_once():
-    """For a command that mostly reads or waits: Ctrl-C and SIGTERM end its runs KILLED at once."""
-    with interrupts_raise_keyboard_interrupt(), runs_end_killed_on_interrupt():
-        yield

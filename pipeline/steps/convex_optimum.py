@@ -28,9 +28,10 @@ from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
 from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR
 from pipeline.steps.evaluate import evaluate_on_test
-from pipeline.tracking import runs as tracking
+from pipeline.tracking.logged_models import log_model
+from pipeline.tracking.runs import log_new_params, log_series
+from pipeline.tracking.safe_loading import load_model
 from pipeline.tuning.storage import open_storage, printable_url
-from pipeline.tracking.params import log_new_params
 
 
 def load_best_trial(cfg: ConvexConfig, missing_ok: bool = False) -> optuna.trial.FrozenTrial | None:
@@ -77,11 +78,11 @@ def run_convex_optimum(cfg: ConvexConfig, splits: Splits, tensors: Tensors | Non
     x64 = x.double()
     optima = convex.solve_path(x64, y, cfg.weight_decays, cfg.max_iter, cfg.tolerance)
     table = optimum_table(optima, (x64, y), tensors.val)
-    tracking.log_series(table.drop(columns="weight_decay").astype(float).add_prefix("convex_"), steps=table.index)
+    log_series(table.drop(columns="weight_decay").astype(float).add_prefix("convex_"), steps=table.index)
     mlflow.log_text(table.to_csv(index=False), CONVEX_TABLE)
     chosen = int(table["val_accuracy"].idxmax())  # the first (strongest decay) among equals
     model = optima[chosen].model.float()  # the project's models compute in float32
-    model_info = tracking.log_model(model, splits.val_x[:4], step=0)
+    model_info = log_model(model, splits.val_x[:4], step=0)
     test = evaluate_on_test(model_info.model_uri, splits, model)
     summary = {"optimum_weight_decay": table.loc[chosen, "weight_decay"],
                "optimum_val_accuracy": table.loc[chosen, "val_accuracy"],
@@ -106,7 +107,7 @@ def run_convex_optimum(cfg: ConvexConfig, splits: Splits, tensors: Tensors | Non
 def compare_with_study(cfg: ConvexConfig, trial, splits: Splits, summary: dict,
                        optimum_predictions: np.ndarray) -> tuple[dict, str]:
     """The best trial's model on the same validation and test images as the optimum, and the gaps."""
-    model = tracking.load_model(trial.user_attrs[MODEL_URI_ATTR])
+    model = load_model(trial.user_attrs[MODEL_URI_ATTR])
     val_accuracy = float(np.mean(predict_logits(model, splits.val_x).argmax(1).numpy() == splits.val_y))
     if abs(val_accuracy - trial.value) > 1e-6:
         raise PipelineError(f"study '{cfg.study_name}' recorded val accuracy {trial.value:.4f} for trial "

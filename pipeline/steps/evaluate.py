@@ -17,15 +17,22 @@ import torch.nn.functional as F
 
 from pipeline.cli import options_from
 from pipeline.config import DataInput, ModelInput
+from pipeline.core import figures
 from pipeline.core.metrics import confusion_matrix, per_class_table, predict_logits
 from pipeline.core.splits import Splits, array_digest
 from pipeline.core.stats import accuracy_with_interval, format_interval
-from pipeline.names import (CONFUSION_FIGURE, MISTAKES_FIGURE, PER_CLASS_CSV, PER_CLASS_TABLE, TEST_DIGEST_TAG,
-                            TEST_PREDICTIONS)
-from pipeline.core import figures
-from pipeline.tracking import runs as tracking
-from pipeline.tracking.params import log_new_params
-from pipeline.runtime.signals import runs_killed_at_once
+from pipeline.names import (
+    CONFUSION_FIGURE,
+    MISTAKES_FIGURE,
+    PER_CLASS_CSV,
+    PER_CLASS_TABLE,
+    TEST_DIGEST_TAG,
+    TEST_PREDICTIONS,
+)
+from pipeline.tracking.datasets import load_data
+from pipeline.tracking.logged_models import logged_model_id
+from pipeline.tracking.runs import log_new_params, runs_killed_at_once
+from pipeline.tracking.safe_loading import load_model
 
 
 def evaluate_on_test(model_uri: str, splits: Splits, model: torch.nn.Module | None = None) -> dict:
@@ -34,14 +41,14 @@ def evaluate_on_test(model_uri: str, splits: Splits, model: torch.nn.Module | No
     The metrics are also linked to the logged model, so the MLflow UI shows test accuracy beside it.
     ``model`` is the loaded model when the caller already has it.
     """
-    model = model if model is not None else tracking.load_model(model_uri)
+    model = model if model is not None else load_model(model_uri)
     logits = predict_logits(model, splits.test_x)
     probs = F.softmax(logits, dim=1).numpy()
     y_pred = probs.argmax(axis=1)
     metrics = {**accuracy_with_interval(splits.test_y, y_pred),
                "test_loss": F.cross_entropy(logits, torch.from_numpy(splits.test_y)).item()}
     table = per_class_table(splits.test_y, y_pred)
-    mlflow.log_metrics(metrics, model_id=tracking.logged_model_id(model_uri))
+    mlflow.log_metrics(metrics, model_id=logged_model_id(model_uri))
     log_predictions(splits, y_pred)
     mlflow.log_table(table, artifact_file=PER_CLASS_TABLE)
     mlflow.log_text(table.to_csv(index=False), PER_CLASS_CSV)
@@ -64,10 +71,10 @@ def log_predictions(splits: Splits, y_pred: np.ndarray) -> None:
 @options_from(ModelInput, DataInput)
 def evaluate_command(model_uri, data):
     """Evaluate a logged model on the untouched test split."""
-    model = tracking.load_model(model_uri)  # a bad URI fails here, before a run is opened
+    model = load_model(model_uri)  # a bad URI fails here, before a run is opened
     with mlflow.start_run(run_name="evaluate"), runs_killed_at_once():
         log_new_params({"model_uri": model_uri, "data": data})
-        result = evaluate_on_test(model_uri, tracking.load_data(data), model)
+        result = evaluate_on_test(model_uri, load_data(data), model)
     accuracy = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"],
                                result["test_accuracy_ci_high"])
     click.echo(f"test accuracy {accuracy} on {len(result['predictions'])} images, "

@@ -18,20 +18,39 @@ from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_RUN_ID
 
 from pipeline.cli import make_config, options_from
-from pipeline.config import (ConvexConfig, DataConfig, ExperimentOptions, SearchSpace, StabilityConfig, TrainConfig,
-                             TuneConfig)
+from pipeline.config import (
+    ConvexConfig,
+    DataConfig,
+    ExperimentOptions,
+    SearchSpace,
+    StabilityConfig,
+    TrainConfig,
+    TuneConfig,
+)
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import DivergedError, Tensors
 from pipeline.errors import PipelineError, short_repr
-from pipeline.names import FAILURE_TAG, FILE_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SMOKE_TAG
+from pipeline.experiment_files.spec import (
+    ExperimentSpec,
+    load_spec,
+    point_name,
+    runs_text,
+    split_study,
+)
+from pipeline.names import (
+    FAILURE_TAG,
+    FILE_TAG,
+    POINT_TAG,
+    ROLE_TAG,
+    SEED_TAG,
+    SMOKE_TAG,
+)
 from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.steps.stability import run_stability
 from pipeline.steps.train import train
-from pipeline.tracking import runs as tracking
-from pipeline.experiment_files.spec import ExperimentSpec, load_spec, point_name, runs_text, split_study
+from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.experiments import mark_as_training
-from pipeline.tracking.params import log_new_params
-from pipeline.runtime.signals import runs_killed_at_safe_points
+from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
 
 
 @dataclass(frozen=True)
@@ -139,7 +158,7 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
              interrupted=lambda: None):
     """One nested run per grid point (and seed); returns the run ids and a description of each failed one.
 
-    ``interrupted``: the safe point (``signals.runs_killed_at_safe_points``), checked before each point
+    ``interrupted``: the safe point (``tracking.runs.runs_killed_at_safe_points``), checked before each point
     and after each epoch."""
     tensors = Tensors.from_splits(splits)  # converted once, shared by every run
     run_ids, failed = [], []
@@ -156,7 +175,7 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
                   runs_killed_at_safe_points()):
                 run_ids.append(run.info.run_id)
                 log_new_params(dataclasses.asdict(data_cfg))
-                tracking.log_datasets(splits, source)
+                log_datasets(splits, source)
                 if spec.entry_point == "convex_optimum":
                     run_convex(spec, point, caps, splits, tensors)
                 elif spec.entry_point == "stability":
@@ -174,7 +193,9 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
 
 def run_convex(spec: ExperimentSpec, point: dict, caps: Caps, splits, tensors) -> None:
     """The convex optimum; a smoke run compares with the smoke study, if there is one."""
-    from pipeline.steps.convex_optimum import run_convex_optimum  # Optuna, only for this kind of file
+    from pipeline.steps.convex_optimum import (
+        run_convex_optimum,  # Optuna, only for this kind of file
+    )
 
     cfg = capped(ConvexConfig(**spec.params, **point), caps, max_iter=caps.max_steps)
     if caps.active and cfg.study_name:

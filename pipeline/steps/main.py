@@ -20,24 +20,38 @@ from dataclasses import asdict
 from pathlib import Path
 
 import click
-from click.core import ParameterSource
 import filelock
 import mlflow
 import yaml
+from click.core import ParameterSource
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
 
 from pipeline.cli import make_config, options_from
-from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
+from pipeline.config import (
+    MAIN_STUDY_ONLY,
+    MAIN_TRAIN_ONLY,
+    DataConfig,
+    MainConfig,
+    TrainConfig,
+)
 from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
-from pipeline.names import (BEST_MODEL_TAG, CODE_VERSION_TAG, FAILURE_TAG, MODEL_NAME, MODEL_URI_TAG,
-                            PREPARED_ARTIFACT, STEP_TAG, STUDY_TAG)
+from pipeline.names import (
+    BEST_MODEL_TAG,
+    CODE_VERSION_TAG,
+    FAILURE_TAG,
+    MODEL_NAME,
+    MODEL_URI_TAG,
+    PREPARED_ARTIFACT,
+    STEP_TAG,
+    STUDY_TAG,
+)
+from pipeline.runtime.signals import interrupt_reason
 from pipeline.tracking.delivery import record_delivered
-from pipeline.tracking.params import log_new_params
 from pipeline.tracking.registry import promote_if_better
-from pipeline.runtime.signals import interrupt_reason, runs_killed_at_once
+from pipeline.tracking.runs import log_new_params, runs_killed_at_once
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 

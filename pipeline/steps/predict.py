@@ -10,7 +10,8 @@ from pipeline.cli import options_from
 from pipeline.config import CLASS_NAMES, DataInput, ModelInput
 from pipeline.core.photos import read_photo, top_k, unsure_reasons
 from pipeline.errors import PipelineError
-from pipeline.tracking import runs as tracking
+from pipeline.tracking.datasets import load_data
+from pipeline.tracking.safe_loading import load_model
 
 
 @click.command("predict")
@@ -22,7 +23,7 @@ def predict_command(model_uri, data, images, test_count):
     """Print the three most likely classes for image files (PNG/JPEG) or test images."""
     if not images and not test_count:
         raise click.UsageError("give image files and/or --test N")
-    model = tracking.load_model(model_uri)
+    model = load_model(model_uri)
     names, arrays, doubts, failures = [], [], [], 0
     for path in images:
         try:
@@ -35,7 +36,7 @@ def predict_command(model_uri, data, images, test_count):
         arrays.append(photo.pixels)
         doubts.append(photo.doubts)
     if test_count:
-        splits = tracking.load_data(data)
+        splits = load_data(data)
         arrays.extend(splits.test_x[:test_count])
         names.extend(f"test[{i}] (true: {CLASS_NAMES[y]})" for i, y in enumerate(splits.test_y[:test_count]))
         doubts.extend([] for _ in splits.test_y[:test_count])

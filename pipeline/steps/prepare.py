@@ -11,13 +11,18 @@ import pandas as pd
 
 from pipeline.cli import make_config, options_from
 from pipeline.config import DataConfig
+from pipeline.core import figures
 from pipeline.core.idx import locate_raw_files
 from pipeline.core.splits import SPLITS, Splits, prepare_splits
-from pipeline.names import CACHE_KEY_TAG, CACHE_REUSED_TAG, CLASS_COUNTS, PREPARED_ARTIFACT, SAMPLES_FIGURE
-from pipeline.core import figures
-from pipeline.tracking import runs as tracking
-from pipeline.tracking.params import log_new_params
-from pipeline.runtime.signals import runs_killed_at_once
+from pipeline.names import (
+    CACHE_KEY_TAG,
+    CACHE_REUSED_TAG,
+    CLASS_COUNTS,
+    PREPARED_ARTIFACT,
+    SAMPLES_FIGURE,
+)
+from pipeline.tracking.datasets import log_datasets
+from pipeline.tracking.runs import log_new_params, runs_killed_at_once
 
 
 def prepare(cfg: DataConfig) -> Splits:
@@ -27,7 +32,7 @@ def prepare(cfg: DataConfig) -> Splits:
     log_new_params({"source": info["source"], **{f"{s}_size": len(splits.arrays(s)[1]) for s in SPLITS}})
     mlflow.set_tags({CACHE_KEY_TAG: info["cache_key"], CACHE_REUSED_TAG: info["reused"]})
     mlflow.log_artifact(str(path), artifact_path=PREPARED_ARTIFACT)
-    tracking.log_datasets(splits, info["source"])
+    log_datasets(splits, info["source"])
     counts = pd.DataFrame({s: splits.class_counts(s) for s in SPLITS}).rename_axis("class").reset_index()
     mlflow.log_table(counts, artifact_file=CLASS_COUNTS)
     mlflow.log_figure(figures.samples_per_class(splits.train_x, splits.train_y), SAMPLES_FIGURE)

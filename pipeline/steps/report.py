@@ -25,12 +25,19 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
-from pipeline.errors import PipelineError, short_repr
-from pipeline.names import (LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_CURVES, REPORT_FOLDER, ROLE_TAG, SEEDS_CSV,
-                            TRIAL_STATE_TAG)
-from pipeline.reports import comparisons
 from pipeline.core import figures
-from pipeline.runtime.signals import runs_killed_at_once
+from pipeline.errors import PipelineError, short_repr
+from pipeline.names import (
+    LEADERBOARD_CSV,
+    LEADERBOARD_MD,
+    REPORT_CURVES,
+    REPORT_FOLDER,
+    ROLE_TAG,
+    SEEDS_CSV,
+    TRIAL_STATE_TAG,
+)
+from pipeline.reports import comparisons
+from pipeline.tracking.runs import runs_killed_at_once
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
 EVALUATION_STEP = 0  # evaluate_on_test logs without a step; the test curve's steps are the epochs 1..N

@@ -22,8 +22,8 @@ from mlflow.pyfunc import scoring_server
 
 from pipeline.cli import make_config, options_from
 from pipeline.config import IMAGE_SIZE, ModelInput, ServeConfig
-from pipeline.tracking.safe_loading import checked_copy, load_checked
 from pipeline.runtime.signals import interrupts_raise_keyboard_interrupt
+from pipeline.tracking.safe_loading import checked_copy, load_checked
 
 IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
 INPUT_FORM = 'send {"inputs": images}, images a list of N nested lists shaped (1, 28, 28)'

@@ -10,13 +10,17 @@ from dataclasses import asdict
 import mlflow
 
 from pipeline.config import StabilityConfig
+from pipeline.core import figures
 from pipeline.core.splits import Splits
-from pipeline.core.stability import scale_sweep, summarize, train_side_by_side, trained_logits
+from pipeline.core.stability import (
+    scale_sweep,
+    summarize,
+    train_side_by_side,
+    trained_logits,
+)
 from pipeline.core.training import Tensors
 from pipeline.names import STABILITY_TABLES
-from pipeline.core import figures
-from pipeline.tracking import runs as tracking
-from pipeline.tracking.params import log_new_params
+from pipeline.tracking.runs import log_new_params, log_series
 
 
 def run_stability(cfg: StabilityConfig, splits: Splits, tensors: Tensors | None = None) -> dict:
@@ -30,8 +34,8 @@ def run_stability(cfg: StabilityConfig, splits: Splits, tensors: Tensors | None 
     summary = summarize(sweep, race)
 
     # MLflow steps must be integers, so the scales are logged by position; the table holds the scales.
-    tracking.log_series(sweep.drop(columns="scale"), steps=sweep.index)
-    tracking.log_series(race.rename(columns=lambda c: c.replace("_loss", "_train_loss")).drop(columns="step"),
+    log_series(sweep.drop(columns="scale"), steps=sweep.index)
+    log_series(race.rename(columns=lambda c: c.replace("_loss", "_train_loss")).drop(columns="step"),
                steps=race["step"])
     mlflow.log_metrics({**summary, "images": len(labels)})
     sweep_name, race_name = STABILITY_TABLES["sweep"], STABILITY_TABLES["race"]

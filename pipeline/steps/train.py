@@ -13,14 +13,21 @@ from tqdm import tqdm
 
 from pipeline.cli import make_config, options_from
 from pipeline.config import DataInput, TrainConfig
+from pipeline.core import figures
 from pipeline.core.models import build_model
 from pipeline.core.splits import Splits, array_digest
 from pipeline.core.training import DivergedError, FitResult, Tensors, fit
-from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
-from pipeline.core import figures
-from pipeline.tracking import runs as tracking
-from pipeline.tracking.params import log_new_params
-from pipeline.runtime.signals import held_during_write, runs_killed_at_safe_points
+from pipeline.names import (
+    CURVES_FIGURE,
+    FAILURE_TAG,
+    MODEL_URI_TAG,
+    STOPPED_EARLY_TAG,
+    VAL_DIGEST_TAG,
+)
+from pipeline.runtime.signals import held_during_write
+from pipeline.tracking.datasets import load_data, log_datasets
+from pipeline.tracking.logged_models import log_model, model_name
+from pipeline.tracking.runs import log_epoch, log_new_params, runs_killed_at_safe_points
 
 
 def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
@@ -38,7 +45,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     def after_epoch(metrics: dict) -> None:
         # synchronous, so a crash loses no finished epoch (asynchronous logging measured no faster here)
         with held_during_write():  # Ctrl-C comes after the write, not inside its sqlite transaction
-            tracking.log_epoch(metrics)
+            log_epoch(metrics)
         bar.update()
         bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_accuracy")})
         if on_epoch is not None:
@@ -47,7 +54,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     try:
         result = fit(build_model(cfg.seed), tensors, cfg, on_epoch=after_epoch)
     except DivergedError as e:
-        tracking.log_epoch(e.metrics)  # the NaN/inf epoch shows in the curves too
+        log_epoch(e.metrics)  # the NaN/inf epoch shows in the curves too
         mlflow.set_tag(FAILURE_TAG, e.message)
         raise
     finally:
@@ -60,7 +67,7 @@ def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
     log_new_params(asdict(cfg))
     # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
     mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
-    tracking.log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
+    log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
 
 
 def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
@@ -69,8 +76,8 @@ def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
     Trials trained side by side (``pipeline.tuning.stacked_trials``) log through here too.
     """
     mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
-    model_info = tracking.log_model(result.model, splits.val_x[:4], step=result.best_epoch,
-                                    name=tracking.model_name(cfg))
+    model_info = log_model(result.model, splits.val_x[:4], step=result.best_epoch,
+                                    name=model_name(cfg))
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)
@@ -86,7 +93,7 @@ def train_command(data, **options):
     # Ctrl-C and SIGTERM end the run KILLED after the epoch under way (pipeline.runtime.signals)
     with mlflow.start_run(run_name="train") as run, runs_killed_at_safe_points() as interrupted:
         log_new_params({"data": data})
-        splits = tracking.load_data(data)
+        splits = load_data(data)
         result, model_info = train(cfg, splits, on_epoch=lambda metrics: interrupted())
     click.echo(f"best epoch {result.best_epoch}: val accuracy {result.best_val_accuracy:.4f}; "
                f"model: {model_info.model_uri} (runs:/{run.info.run_id}/{model_info.name})")

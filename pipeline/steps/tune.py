@@ -23,15 +23,19 @@ from pipeline.cli import make_config, options_from
 from pipeline.config import DataInput, SearchSpace, TuneConfig
 from pipeline.core.splits import Splits, array_digest
 from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_TAG
-from pipeline.steps.evaluate import evaluate_on_test
 from pipeline.runtime import processes as owners
-from pipeline.tracking import runs as tracking
-from pipeline.tuning.dead_trials import recover_dead_trials
-from pipeline.tuning.storage import open_storage, open_study, printable_url, storage_faults_named
-from pipeline.tracking.params import log_new_params
+from pipeline.steps.evaluate import evaluate_on_test
+from pipeline.tracking.datasets import load_data
 from pipeline.tracking.registry import promote_if_better
-from pipeline.runtime.signals import runs_killed_at_safe_points
+from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
+from pipeline.tuning.dead_trials import recover_dead_trials
 from pipeline.tuning.record import describe, log_figures, log_trials_table, record_best
+from pipeline.tuning.storage import (
+    open_storage,
+    open_study,
+    printable_url,
+    storage_faults_named,
+)
 from pipeline.tuning.workers import run_workers
 
 
@@ -62,7 +66,7 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
         log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),
                                  **asdict(space), "data": data_uri})
         mlflow.set_tag(STUDY_TAG, tune_cfg.study_name)
-        splits = tracking.load_data(data_uri)
+        splits = load_data(data_uri)
         # the study remembers its data and refuses other data: trials on other splits are not comparable
         digests = dict(zip(STUDY_DATA_ATTRS, (array_digest(*splits.arrays(s)) for s in ("train", "val"))))
         study = open_study(tune_cfg, space, open_storage(tune_cfg), digests)

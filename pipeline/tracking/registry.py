@@ -13,8 +13,16 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from pipeline.names import (CHAMPION, CHAMPION_DECISION_TAG, MODEL_NAME, REGISTERED_VERSION_TAG, REGISTRY_DECISION,
-                            SPLIT_CHAMPION, VERSION_VAL_ACCURACY_TAG, VERSION_VAL_DIGEST_TAG)
+from pipeline.names import (
+    CHAMPION,
+    CHAMPION_DECISION_TAG,
+    MODEL_NAME,
+    REGISTERED_VERSION_TAG,
+    REGISTRY_DECISION,
+    SPLIT_CHAMPION,
+    VERSION_VAL_ACCURACY_TAG,
+    VERSION_VAL_DIGEST_TAG,
+)
 
 
 def alias_holder(client: MlflowClient, name: str, alias: str):

@@ -29,7 +29,10 @@ from urllib.parse import urlparse
 
 import mlflow
 import yaml
-from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+from mlflow.environment_variables import (
+    MLFLOW_ALLOW_PICKLE_DESERIALIZATION,
+    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
+)
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
@@ -226,7 +229,7 @@ def load_checked(folder: Path, model_uri: str):
             raise PipelineError(f"cannot load model '{model_uri}' ({one_line(e)})")
 
 
-def load_own_model(model_uri: str):
+def load_model(model_uri: str):
     """The torch module of a model the project logged; PipelineError for anything else or a bad URI."""
     with checked_copy(model_uri) as folder:
         return load_checked(folder, model_uri)

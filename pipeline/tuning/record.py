@@ -7,10 +7,17 @@ import optuna
 import pandas as pd
 from optuna.trial import TrialState
 
-from pipeline.errors import PipelineError
-from pipeline.names import (BEST_MODEL_TAG, BEST_RUN_TAG, BEST_TRIAL_TAG, MODEL_URI_ATTR, RUN_ID_ATTR,
-                            STUDY_BEST_MODEL_ATTR, STUDY_FOLDER)
 from pipeline.core import figures
+from pipeline.errors import PipelineError
+from pipeline.names import (
+    BEST_MODEL_TAG,
+    BEST_RUN_TAG,
+    BEST_TRIAL_TAG,
+    MODEL_URI_ATTR,
+    RUN_ID_ATTR,
+    STUDY_BEST_MODEL_ATTR,
+    STUDY_FOLDER,
+)
 from pipeline.tuning.search import training_params
 
 SEARCHED = ["lr", "epochs", "weight_decay"]

@@ -27,22 +27,39 @@ from optuna.storages._heartbeat import BaseHeartbeatThread, get_heartbeat_thread
 from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig
-from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.splits import Splits
+from pipeline.core.stacked import fit_side_by_side
 from pipeline.core.training import DivergedError, FitResult, Tensors
 from pipeline.errors import fault_of
-from pipeline.names import (BEST_EPOCH_ATTR, FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR,
-                            OWNER_ATTR, OWNER_TAG, RUN_ID_ATTR, SIDE_BY_SIDE_TAG, STUDY_TAG, TRIAL_STATE_TAG,
-                            TRIAL_TAG)
-from pipeline.steps.train import log_fit_result, log_training_inputs
-from pipeline.tracking import runs as tracking
-from pipeline.tuning.dead_trials import recover_dead_trials
-from pipeline.tuning.storage import storage_problem
+from pipeline.names import (
+    BEST_EPOCH_ATTR,
+    FAIL_REASON_ATTR,
+    FAILURE_TAG,
+    INTERRUPTED_ATTR,
+    MODEL_URI_ATTR,
+    OWNER_ATTR,
+    OWNER_TAG,
+    RUN_ID_ATTR,
+    SIDE_BY_SIDE_TAG,
+    STUDY_TAG,
+    TRIAL_STATE_TAG,
+    TRIAL_TAG,
+)
 from pipeline.runtime.processes import this_process
-from pipeline.tuning.search import make_sampler, suggest_params
 from pipeline.runtime.signals import interrupt_reason
-from pipeline.tuning.trials import (PrunerReport, SharedStudyRead, SurplusTrial, counts_toward_total,
-                                     refuse_surplus, wait_for_running_trials)
+from pipeline.steps.train import log_fit_result, log_training_inputs
+from pipeline.tracking.runs import log_epoch
+from pipeline.tuning.dead_trials import recover_dead_trials
+from pipeline.tuning.search import make_sampler, suggest_params
+from pipeline.tuning.storage import storage_problem
+from pipeline.tuning.trials import (
+    PrunerReport,
+    SharedStudyRead,
+    SurplusTrial,
+    counts_toward_total,
+    refuse_surplus,
+    wait_for_running_trials,
+)
 
 
 @dataclass
@@ -131,7 +148,7 @@ def finish(study, member: Running, outcome, splits: Splits) -> None:
         end_run(member, TrialState.PRUNED, "FINISHED")
         tell(study, member, TrialState.PRUNED)
     elif isinstance(outcome, DivergedError):  # a failed trial, not a failed study: the others go on
-        tracking.log_epoch(outcome.metrics, run_id=member.run_id)  # the NaN/inf epoch shows in the curves
+        log_epoch(outcome.metrics, run_id=member.run_id)  # the NaN/inf epoch shows in the curves
         member.trial.set_user_attr(FAIL_REASON_ATTR, outcome.message)
         end_run(member, TrialState.FAIL, "FAILED", outcome.message)
         tell(study, member, TrialState.FAIL)
@@ -153,7 +170,7 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     def on_epoch(i: int, metrics: dict) -> None:  # what steps.train and a trial one at a time do, per trial
         interrupted()  # between epochs, before this trial's writes: the store is never cut mid-write
         member = running_by_index[i]
-        tracking.log_epoch(metrics, run_id=member.run_id)
+        log_epoch(metrics, run_id=member.run_id)
         member.report(metrics)
 
     def on_end(i: int, outcome) -> None:

@@ -15,14 +15,25 @@ from optuna.trial import TrialState
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig
 from pipeline.core.splits import Splits
 from pipeline.core.training import DivergedError, Tensors
-from pipeline.names import (BEST_EPOCH_ATTR, FAIL_REASON_ATTR, FAILURE_TAG, INTERRUPTED_ATTR, MODEL_URI_ATTR,
-                            OWNER_ATTR, OWNER_TAG, RUN_ID_ATTR, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG)
+from pipeline.names import (
+    BEST_EPOCH_ATTR,
+    FAIL_REASON_ATTR,
+    FAILURE_TAG,
+    INTERRUPTED_ATTR,
+    MODEL_URI_ATTR,
+    OWNER_ATTR,
+    OWNER_TAG,
+    RUN_ID_ATTR,
+    STUDY_TAG,
+    TRIAL_STATE_TAG,
+    TRIAL_TAG,
+)
+from pipeline.runtime.processes import this_process
+from pipeline.runtime.signals import interrupt_reason, interrupts_at_safe_points
 from pipeline.steps.train import train
 from pipeline.tuning.dead_trials import recover_dead_trials, watched_running_trials
-from pipeline.tuning.storage import open_storage
-from pipeline.runtime.processes import this_process
 from pipeline.tuning.search import make_pruner, make_sampler, suggest_params
-from pipeline.runtime.signals import interrupt_reason, interrupts_at_safe_points
+from pipeline.tuning.storage import open_storage
 
 
 class PrunerReport:

@@ -1,0 +1,79 @@
+"""The prepared splits as MLflow datasets, and fetching them from a prepare run's artifact."""
+
+import tempfile
+import warnings
+import weakref
+from pathlib import Path
+
+import mlflow
+
+from pipeline.config import DataConfig
+from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits
+from pipeline.errors import PipelineError
+from pipeline.names import DATASET_CONTEXTS
+
+_datasets: dict[int, tuple[weakref.ref, dict]] = {}  # id(splits) -> (the splits, their MLflow datasets)
+
+
+
+def datasets_of(splits: Splits, source: str) -> dict:
+    """The three splits as MLflow datasets, made once per Splits object in this process.
+
+    The digest reads every byte (0.13 s for the training split), so every trial of a study reuses it.
+    MLflow keeps one dataset per name and digest in an experiment: the first source recorded stays.
+    """
+    cached = _datasets.get(id(splits))
+    if cached is None or cached[0]() is not splits:
+        made = {}
+        for split in SPLITS:
+            x, y = splits.arrays(split)
+            with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
+                warnings.filterwarnings("ignore", message="The specified dataset source")
+                made[split] = mlflow.data.from_numpy(x, targets=y, source=source, name=f"fashion-mnist-{split}",
+                                                     digest=array_digest(x, y))
+        cached = _datasets[id(splits)] = (weakref.ref(splits), made)
+    return cached[1]
+
+
+def log_datasets(splits: Splits, source: str = "prepared splits", which=SPLITS) -> None:
+    """Record the splits (all three, or ``which``) as MLflow dataset inputs of the active run."""
+    datasets = datasets_of(splits, source)
+    for split in which:
+        mlflow.log_input(datasets[split], context=DATASET_CONTEXTS[split])
+
+
+def fetch_prepared(data_uri: str) -> Splits:
+    """Load the prepared splits from a local path or any MLflow artifact URI (runs:/<id>/prepared).
+
+    An artifact is downloaded into a temporary folder that is deleted once its arrays are in memory
+    (``Splits.load`` reads them eagerly): every step reads the 55 MB split, and none keeps a copy.
+    """
+    if Path(data_uri).exists():
+        splits = Splits.load(Path(data_uri))
+        datasets_of(splits, str(Path(data_uri).resolve()))  # the datasets' source, for the runs that use them
+        return splits
+    with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:  # the arrays are in memory once loaded
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=data_uri, dst_path=tmp)
+        except Exception as e:
+            raise PipelineError(
+                f"cannot fetch the prepared data from '{data_uri}' ({type(e).__name__}: {e}); pass the "
+                "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
+            )
+        splits = Splits.load(Path(local))
+    datasets_of(splits, f"prepared splits: {data_uri}")  # MLflow has no dataset source type for runs:/ URIs
+    return splits
+
+
+def load_data(data_uri: str) -> Splits:
+    """The prepared splits named by ``data_uri``; with none given, prepare the default ones here.
+
+    The datasets are logged to the active run; without one (``predict``) nothing is logged, since
+    ``mlflow.log_input`` would otherwise start a stray run of its own.
+    """
+    if data_uri:
+        return fetch_prepared(data_uri)
+    splits = prepare_splits(DataConfig())[0]
+    if mlflow.active_run() is not None:
+        log_datasets(splits, "prepared in this run with the default settings")
+    return splits
