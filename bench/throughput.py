@@ -4,7 +4,7 @@
    torchvision's ``FashionMNIST`` with ``ToTensor``, a ``DataLoader`` of batch 256, shuffled, 4
    workers, training the same model (``pipeline.core.models.build_model``) with the same SGD and loss.
    The project trains on ``pipeline.core.training.Tensors`` (the whole split in memory, batches sliced by
-   index), with ``pipeline.core.training.fit`` (tracking off) and ``pipeline.steps.train.train`` inside an MLflow
+   index), with ``pipeline.core.training.fit`` (tracking off) and ``pipeline.tracking.training.train`` inside an MLflow
    run (tracking on: ``mlflow.log_metrics`` once per epoch). Both sides train on the same number of
    images (the project's 50,000-image training split; the reference a seeded ``Subset`` of as many
    images of torchvision's training set) and validate on as many held-out images.
@@ -33,8 +33,8 @@ from pipeline.core.idx import locate_raw_files
 from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, batch_orders, fit, train_epoch
-from pipeline.steps.train import train
 from pipeline.tracking.runs import log_epoch
+from pipeline.tracking.training import train
 
 BOOK_WORKERS = 4  # d2l's get_dataloader_workers()
 
@@ -164,7 +164,7 @@ def sqlite_experiment(store: Path) -> str:
 
 
 def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, experiment: str) -> tuple[list[float], float]:
-    """Whole epochs of ``pipeline.steps.train.train`` in an MLflow run, and its per-run cost.
+    """Whole epochs of ``pipeline.tracking.training.train`` in an MLflow run, and its per-run cost.
 
     The per-run cost is what the step spends outside its epochs: params before, curves figure,
     model and summary after. A tuning study pays it once per trial.
@@ -180,7 +180,7 @@ def time_tracked_epochs(splits, tensors: Tensors, cfg: TrainConfig, experiment: 
 
 
 def time_log_epoch(experiment: str, repeats: int) -> dict:
-    """Seconds of one ``pipeline.tracking.runs.log_epoch`` call: synchronous (as steps.train logs) and not."""
+    """Seconds of one ``pipeline.tracking.runs.log_epoch`` call: synchronous (as tracking.training logs) and not."""
     metrics = {"train_loss": 0.5, "train_accuracy": 0.8, "val_loss": 0.5, "val_accuracy": 0.8}
     with mlflow.start_run(experiment_id=experiment, run_name="bench-log-epoch"):
         sync = [timed(log_epoch, {"epoch": i, **metrics})[0] for i in range(repeats)]

@@ -1,7 +1,7 @@
 """The one exception type the pipeline raises for problems a user can fix, and the machine's own faults.
 
-``PipelineError`` is a ``click.ClickException``, so the CLI prints just the message (no traceback) and
-exits with status 1; inside ``mlflow.start_run`` the run is marked FAILED before the message is shown.
+The CLI prints a ``PipelineError`` as one line, ``Error: <message>``, and exits with its ``exit_code``
+(1); raised inside ``mlflow.start_run``, it has ended the run FAILED before the message is shown.
 
 ``environment_problem`` turns what the machine does wrong (a full disk, a folder we may not write, a
 store that cannot be written or reached) into one such line, naming the cause that was seen; the CLI
@@ -21,8 +21,6 @@ import threading
 import traceback
 from dataclasses import dataclass
 
-import click
-
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 NO_ACCESS = (errno.EACCES, errno.EPERM, errno.EROFS)
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's default store
@@ -32,8 +30,14 @@ DEBUG_ENV = "PIPELINE_DEBUG"  # set by the CLI's --debug, so that the processes 
 PROGRAMMING_ERRORS = (ArithmeticError, AssertionError, AttributeError, LookupError, NameError, TypeError, ValueError)
 
 
-class PipelineError(click.ClickException):
-    pass
+class PipelineError(Exception):
+    """A problem the user can fix, said in one line: what is wrong and what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
 
 
 def short_repr(value, limit: int = 60) -> str:

@@ -11,8 +11,9 @@ import click
 import pytest
 import yaml
 
-from pipeline.cli import cli, option_for
+from pipeline.cli import cli
 from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, TrainConfig
+from pipeline.steps.options import option_for
 from tests.helpers import REPO
 
 ENTRY_POINTS = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]

@@ -11,8 +11,8 @@ from pipeline.config import TrainConfig
 from pipeline.core.metrics import predict_logits
 from pipeline.core.splits import array_digest
 from pipeline.names import CHAMPION, MODEL_NAME
-from pipeline.steps.train import train
 from pipeline.tracking.registry import promote_if_better
+from pipeline.tracking.training import train
 from tests.helpers import free_port, make, stop_process_group, wait_for_url
 
 FRESH_SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"  # no venv: `uvicorn`, `mlflow` are not found here

@@ -13,9 +13,9 @@ from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.core.metrics import predict_logits
 from pipeline.core.splits import array_digest
 from pipeline.names import CHAMPION, MODEL_NAME
-from pipeline.steps.evaluate import evaluate_on_test
-from pipeline.steps.train import train
+from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.registry import promote_if_better
+from pipeline.tracking.training import train
 
 
 def train_model(splits, **cfg):

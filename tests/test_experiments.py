@@ -14,13 +14,7 @@ from mlflow import MlflowClient
 from pipeline.errors import PipelineError
 from pipeline.experiment_files.spec import load_spec
 from pipeline.names import ROLE_TAG
-from pipeline.steps.experiment import (
-    SMOKE,
-    SMOKE_SUFFIX,
-    Caps,
-    run_experiment,
-    seeded_points,
-)
+from pipeline.steps.experiment import SMOKE, SMOKE_SUFFIX, Caps, run_experiment, seeded_points
 from tests.helpers import REPO
 
 FILES = sorted((REPO / "experiments").glob("*.yaml"))

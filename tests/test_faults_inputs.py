@@ -23,8 +23,8 @@ from pipeline.config import DataConfig, TrainConfig
 from pipeline.core.idx import read_idx
 from pipeline.core.splits import PREPARED_FILE, Splits, prepare_splits
 from pipeline.errors import PipelineError
-from pipeline.steps.train import train
 from pipeline.tracking.datasets import load_data
+from pipeline.tracking.training import train
 from tests.fault_helpers import error_line, run_in_process, run_statuses
 from tests.helpers import REPO, write_fake_dataset, write_idx
 

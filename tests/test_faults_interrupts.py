@@ -22,13 +22,7 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TuneConfig
-from pipeline.names import (
-    FAILURE_TAG,
-    INTERRUPTED_ATTR,
-    OWNER_ATTR,
-    RUN_ID_ATTR,
-    TRIAL_STATE_TAG,
-)
+from pipeline.names import FAILURE_TAG, INTERRUPTED_ATTR, OWNER_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
 from pipeline.runtime.signals import interrupts_at_safe_points
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.trials import work_on_study

@@ -26,11 +26,7 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline.config import (
-    STORAGE_CONNECT_TIMEOUT_S,
-    STORAGE_STATEMENT_TIMEOUT_S,
-    TuneConfig,
-)
+from pipeline.config import STORAGE_CONNECT_TIMEOUT_S, STORAGE_STATEMENT_TIMEOUT_S, TuneConfig
 from pipeline.errors import PipelineError, environment_problem
 from pipeline.names import EXPERIMENT_NAME, RUN_ID_ATTR, TRIAL_TAG
 from pipeline.tuning.dead_trials import recover_dead_trials

@@ -20,15 +20,7 @@ from bench import photos as benchmark
 from pipeline.cli import cli
 from pipeline.config import DataConfig, TrainConfig
 from pipeline.core.models import build_model
-from pipeline.core.photos import (
-    MAX_PHOTO_PIXELS,
-    SMOOTHING,
-    UNSURE_BELOW,
-    WORK_SIDE,
-    image_to_array,
-    read_photo,
-    top_k,
-)
+from pipeline.core.photos import MAX_PHOTO_PIXELS, SMOOTHING, UNSURE_BELOW, WORK_SIDE, image_to_array, read_photo, top_k
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError

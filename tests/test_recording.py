@@ -8,13 +8,7 @@ from mlflow import MlflowClient
 
 from pipeline.cli import cli
 from pipeline.core.splits import array_digest
-from pipeline.names import (
-    DATASET_CONTEXTS,
-    EXPERIMENT_KIND_TAG,
-    EXPERIMENT_NAME,
-    TRAINING_KIND,
-    TRIAL_TAG,
-)
+from pipeline.names import DATASET_CONTEXTS, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, TRAINING_KIND, TRIAL_TAG
 from tests.helpers import REPO
 
 

@@ -110,7 +110,7 @@ def test_a_model_folder_shipping_code_is_refused(mlflow_store, tmp_path):
 
 def test_the_projects_own_model_still_loads_with_pickle_disallowed(mlflow_store, real_slice):
     from pipeline.config import TrainConfig
-    from pipeline.steps.train import train
+    from pipeline.tracking.training import train
 
     with mlflow.start_run():
         result, info = train(TrainConfig(epochs=1), real_slice[0], progress=False)

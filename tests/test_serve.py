@@ -20,9 +20,9 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.core.splits import array_digest
 from pipeline.names import CHAMPION, MODEL_NAME
-from pipeline.steps.train import train
 from pipeline.tracking.registry import promote_if_better
 from pipeline.tracking.safe_loading import load_model
+from pipeline.tracking.training import train
 from tests.helpers import free_port, stop_process_group, wait_for_url
 
 CHAMPION_URI = f"models:/{MODEL_NAME}@{CHAMPION}"

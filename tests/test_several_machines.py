@@ -18,13 +18,7 @@ from mlflow import MlflowClient
 from pipeline.config import TuneConfig
 from pipeline.names import CHAMPION, EXPERIMENT_NAME, MODEL_NAME, STUDY_TAG, TRIAL_TAG
 from pipeline.tuning.storage import open_storage
-from tests.helpers import (
-    child_env,
-    free_port,
-    postgres_server,
-    stop_process_group,
-    wait_for_url,
-)
+from tests.helpers import child_env, free_port, postgres_server, stop_process_group, wait_for_url
 
 STUDY = ["--study-name", "shared", "--epochs-low", "1", "--epochs-high", "2", "--pruner", "none"]
 

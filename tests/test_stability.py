@@ -9,12 +9,7 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 
 from pipeline.config import StabilityConfig
-from pipeline.core.losses import (
-    log_softmax,
-    naive_cross_entropy,
-    naive_softmax,
-    stable_cross_entropy,
-)
+from pipeline.core.losses import log_softmax, naive_cross_entropy, naive_softmax, stable_cross_entropy
 from pipeline.core.stability import batches, scale_sweep
 from pipeline.steps.stability import run_stability
 

@@ -11,13 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import binomtest
 
-from pipeline.core.stats import (
-    accuracy_with_interval,
-    mcnemar,
-    mcnemar_p_value,
-    mean_and_sd,
-    wilson_interval,
-)
+from pipeline.core.stats import accuracy_with_interval, mcnemar, mcnemar_p_value, mean_and_sd, wilson_interval
 
 # (successes, trials, published lower, published upper), four decimals as printed by Newcombe
 NEWCOMBE_TABLE_I = [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611),

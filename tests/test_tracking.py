@@ -16,8 +16,8 @@ from pipeline.core.splits import array_digest
 from pipeline.core.training import Tensors
 from pipeline.names import MODEL_URI_TAG
 from pipeline.steps.prepare import prepare
-from pipeline.steps.train import train
 from pipeline.tracking.datasets import load_data
+from pipeline.tracking.training import train
 from tests.helpers import REPO
 
 

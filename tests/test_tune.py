@@ -18,14 +18,7 @@ from optuna.trial import TrialState
 from pipeline.cli import cli
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig, is_journal
 from pipeline.errors import PipelineError
-from pipeline.names import (
-    BEST_MODEL_TAG,
-    CHAMPION,
-    FAIL_REASON_ATTR,
-    MODEL_NAME,
-    MODEL_URI_ATTR,
-    RUN_ID_ATTR,
-)
+from pipeline.names import BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR
 from pipeline.steps.tune import run_study
 from pipeline.tuning.search import make_pruner, make_sampler
 from pipeline.tuning.storage import open_storage

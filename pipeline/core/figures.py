@@ -24,7 +24,7 @@ def finish(fig: Figure, title: str = "") -> Figure:
     return fig
 
 
-# --- Training (steps/train.py) ---------------------------------------------------------------------
+# --- Training (tracking/training.py) ---------------------------------------------------------------------
 
 
 def training_curves(history: list[dict], title: str = "") -> Figure:
@@ -43,14 +43,12 @@ def training_curves(history: list[dict], title: str = "") -> Figure:
     return finish(fig, title)
 
 
-# --- Data (steps/prepare.py) and evaluation (steps/evaluate.py) ------------------------------------
+# --- Data (steps/prepare.py) and evaluation (tracking/evaluation.py) ------------------------------------
 
 
 def samples_per_class(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> Figure:
     """The first ``per_class`` images of each class, one row per class."""
-    from torchvision.utils import (
-        make_grid,  # here: torchvision costs ~160 MB in every process that imports us
-    )
+    from torchvision.utils import make_grid  # here: torchvision costs ~160 MB in every process that imports us
 
     rows = [images[np.flatnonzero(labels == c)[:per_class]] for c in range(NUM_CLASSES)]
     grid = make_grid(torch.from_numpy(np.concatenate(rows)).unsqueeze(1), nrow=per_class, padding=2, pad_value=255)

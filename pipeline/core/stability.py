@@ -21,11 +21,7 @@ import pandas as pd
 import torch
 
 from pipeline.config import StabilityConfig, TrainConfig
-from pipeline.core.losses import (
-    naive_cross_entropy,
-    naive_softmax,
-    stable_cross_entropy,
-)
+from pipeline.core.losses import naive_cross_entropy, naive_softmax, stable_cross_entropy
 from pipeline.core.models import build_model
 from pipeline.core.training import Tensors, fit
 

@@ -8,7 +8,7 @@
   image is a fair coin, so b ~ Binomial(b + c, 1/2). The exact binomial p-value is valid at every count
   (the chi-square approximation is not for small b + c), and scipy computes it instantly.
 
-Plain numpy and scipy, no tracking: ``pipeline.steps.evaluate`` and ``pipeline.steps.report`` log and
+Plain numpy and scipy, no tracking: ``pipeline.tracking.evaluation`` and ``pipeline.reports`` log and
 show what these return.
 """
 
@@ -71,9 +71,7 @@ def mcnemar_p_value(only_a: int, only_b: int) -> float:
     """Two-sided exact p-value from the discordant counts; 1.0 when the models never disagree."""
     if only_a + only_b == 0:
         return 1.0
-    from scipy.stats import (
-        binomtest,  # imported here: `main` uses this module only to format, without scipy
-    )
+    from scipy.stats import binomtest  # imported here: `main` uses this module only to format, without scipy
 
     return float(binomtest(only_a, only_a + only_b, 0.5).pvalue)
 

@@ -1,4 +1,4 @@
-"""The training loop: plain PyTorch, no tracking. ``pipeline.steps.train`` adds MLflow around it.
+"""The training loop: plain PyTorch, no tracking. ``pipeline.tracking.training`` adds MLflow around it.
 
 Why it is fast: the whole training split already sits in memory as one tensor, so a batch is a
 single index into it. The book's DataLoader instead decodes, converts and collates 256 PIL images per

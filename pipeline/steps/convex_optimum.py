@@ -27,7 +27,7 @@ from pipeline.core.stats import accuracy_with_interval, format_interval, mcnemar
 from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
 from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR
-from pipeline.steps.evaluate import evaluate_on_test
+from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.logged_models import log_model
 from pipeline.tracking.runs import log_new_params, log_series
 from pipeline.tracking.safe_loading import load_model

@@ -2,8 +2,8 @@
 
 The file's format is checked by ``pipeline.experiment_files.spec`` before anything runs. Then the data
 are prepared once; a parent run (tag ``pipeline.role=experiment``, the YAML file as its artifact) holds
-one nested run per grid point, each trained in-process with ``pipeline.steps.train.train`` and then
-tested with ``pipeline.steps.evaluate.evaluate_on_test``, so every run in the report has a test
+one nested run per grid point, each trained in-process with ``pipeline.tracking.training.train`` and then
+tested with ``pipeline.tracking.evaluation.evaluate_on_test``, so every run in the report has a test
 accuracy; a tune file runs its study through ``pipeline.steps.tune.run_study``.
 """
 
@@ -17,7 +17,6 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_RUN_ID
 
-from pipeline.cli import make_config, options_from
 from pipeline.config import (
     ConvexConfig,
     DataConfig,
@@ -30,27 +29,17 @@ from pipeline.config import (
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import DivergedError, Tensors
 from pipeline.errors import PipelineError, short_repr
-from pipeline.experiment_files.spec import (
-    ExperimentSpec,
-    load_spec,
-    point_name,
-    runs_text,
-    split_study,
-)
-from pipeline.names import (
-    FAILURE_TAG,
-    FILE_TAG,
-    POINT_TAG,
-    ROLE_TAG,
-    SEED_TAG,
-    SMOKE_TAG,
-)
-from pipeline.steps.evaluate import evaluate_on_test
+from pipeline.experiment_files.spec import ExperimentSpec, load_spec, point_name, runs_text, split_study
+from pipeline.names import FAILURE_TAG, FILE_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SMOKE_TAG
+from pipeline.steps.options import make_config, options_from
 from pipeline.steps.stability import run_stability
-from pipeline.steps.train import train
 from pipeline.tracking.datasets import log_datasets
+from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.experiments import mark_as_training
+from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
+from pipeline.tracking.stores import open_tracking_store
+from pipeline.tracking.training import train
 
 
 @dataclass(frozen=True)
@@ -193,9 +182,7 @@ def run_grid(spec: ExperimentSpec, caps: Caps, exp_id: str, splits, data_cfg: Da
 
 def run_convex(spec: ExperimentSpec, point: dict, caps: Caps, splits, tensors) -> None:
     """The convex optimum; a smoke run compares with the smoke study, if there is one."""
-    from pipeline.steps.convex_optimum import (
-        run_convex_optimum,  # Optuna, only for this kind of file
-    )
+    from pipeline.steps.convex_optimum import run_convex_optimum  # Optuna, only for this kind of file
 
     cfg = capped(ConvexConfig(**spec.params, **point), caps, max_iter=caps.max_steps)
     if caps.active and cfg.study_name:
@@ -222,9 +209,11 @@ def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path)
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @options_from(ExperimentOptions)
 def experiment_command(file, **options):
-    """Run an experiment file (experiments/*.yaml): every grid point or the study, as MLflow runs."""
+    """Every grid point (and seed) of the file is one nested run under a parent run; a tune file runs its study."""
     opts = make_config(ExperimentOptions, options)
     spec = load_spec(file, opts.max_runs)  # a bad file fails here, naming the line, before anything runs
+    open_tracking_store()
+    end_runs_of_dead_processes()
     result = run_experiment(spec, SMOKE if opts.smoke else Caps())
     click.echo(f"{len(result['run_ids'])} run(s) in experiment '{result['experiment']}' (parent run "
                f"{result['parent_run_id']}); compare them: python -m pipeline report {result['experiment']}")

@@ -28,14 +28,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
 
-from pipeline.cli import make_config, options_from
-from pipeline.config import (
-    MAIN_STUDY_ONLY,
-    MAIN_TRAIN_ONLY,
-    DataConfig,
-    MainConfig,
-    TrainConfig,
-)
+from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
 from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import (
@@ -49,9 +42,12 @@ from pipeline.names import (
     STUDY_TAG,
 )
 from pipeline.runtime.signals import interrupt_reason
+from pipeline.steps.options import make_config, options_from
 from pipeline.tracking.delivery import record_delivered
+from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.registry import promote_if_better
 from pipeline.tracking.runs import log_new_params, runs_killed_at_once
+from pipeline.tracking.stores import open_tracking_store
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -253,12 +249,14 @@ def refuse_idle_settings(given: set[str], trials: int) -> None:
 @click.command("main")
 @options_from(DataConfig, TrainConfig, MainConfig, undeclared=MAIN_TRAIN_ONLY + MAIN_STUDY_ONLY)
 def main_command(**options):
-    """Run prepare -> train/tune -> evaluate -> register, reusing finished steps."""
+    """A step that already finished with the same parameters and code is reused."""
     context = click.get_current_context()
     given = {name for name in options if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     data, train = make_config(DataConfig, options), make_config(TrainConfig, options)
     cfg = make_config(MainConfig, options)
     refuse_idle_settings(given, cfg.trials)
+    open_tracking_store()
+    end_runs_of_dead_processes()
     # SIGTERM acts like Ctrl-C, at once: MLflow then stops the running step (which ends its run KILLED),
     # and main's run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
     with mlflow.start_run(run_name="main"), runs_killed_at_once():

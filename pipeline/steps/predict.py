@@ -6,10 +6,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline.cli import options_from
 from pipeline.config import CLASS_NAMES, DataInput, ModelInput
 from pipeline.core.photos import read_photo, top_k, unsure_reasons
 from pipeline.errors import PipelineError
+from pipeline.steps.options import options_from
 from pipeline.tracking.datasets import load_data
 from pipeline.tracking.safe_loading import load_model
 
@@ -20,7 +20,7 @@ from pipeline.tracking.safe_loading import load_model
 @click.option("--test", "test_count", type=click.IntRange(min=0), default=0,
               help="Also predict the first N test images.")
 def predict_command(model_uri, data, images, test_count):
-    """Print the three most likely classes for image files (PNG/JPEG) or test images."""
+    """Prints the three most likely classes of each image (PNG/JPEG, any size) or test image."""
     if not images and not test_count:
         raise click.UsageError("give image files and/or --test N")
     model = load_model(model_uri)

@@ -9,20 +9,15 @@ import click
 import mlflow
 import pandas as pd
 
-from pipeline.cli import make_config, options_from
 from pipeline.config import DataConfig
 from pipeline.core import figures
 from pipeline.core.idx import locate_raw_files
 from pipeline.core.splits import SPLITS, Splits, prepare_splits
-from pipeline.names import (
-    CACHE_KEY_TAG,
-    CACHE_REUSED_TAG,
-    CLASS_COUNTS,
-    PREPARED_ARTIFACT,
-    SAMPLES_FIGURE,
-)
+from pipeline.names import CACHE_KEY_TAG, CACHE_REUSED_TAG, CLASS_COUNTS, PREPARED_ARTIFACT, SAMPLES_FIGURE
+from pipeline.steps.options import make_config, options_from
 from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.runs import log_new_params, runs_killed_at_once
+from pipeline.tracking.stores import open_tracking_store
 
 
 def prepare(cfg: DataConfig) -> Splits:
@@ -42,8 +37,8 @@ def prepare(cfg: DataConfig) -> Splits:
 @click.command("prepare")
 @options_from(DataConfig)
 def prepare_command(**options):
-    """Find, validate and split the data; log it to MLflow."""
     cfg = make_config(DataConfig, options)
+    open_tracking_store()
     with mlflow.start_run(run_name="prepare") as run, runs_killed_at_once():
         splits = prepare(cfg)
     sizes = ", ".join(f"{s} {len(splits.arrays(s)[1])}" for s in SPLITS)
@@ -53,6 +48,6 @@ def prepare_command(**options):
 @click.command("locate-data")
 @click.option("--data-dir", default="", help="Folder to check first.")
 def locate_data_command(data_dir):
-    """Find the raw files (downloading them if possible) and print where they are."""
+    """Downloads them with torchvision if none of the usual places has them."""
     found = locate_raw_files(data_dir)
     click.echo(f"Fashion-MNIST raw files: {found['train_images'].parent}")

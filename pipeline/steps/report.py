@@ -6,7 +6,7 @@
 files are logged as artifacts of a run named "report" in that experiment.
 
 Two test accuracies, and why: a run with the test curve on (``log_test_curve``) logs ``test_accuracy``
-at every epoch (steps 1..N), and its evaluation (``pipeline.steps.evaluate.evaluate_on_test``) logs the kept
+at every epoch (steps 1..N), and its evaluation (``pipeline.tracking.evaluation.evaluate_on_test``) logs the kept
 model's ``test_accuracy`` without a step, i.e. at step 0. MLflow's "latest value" is the one with the
 highest step, so ``search_runs`` shows the *last epoch's* value; the leaderboard reads the history and
 reports both: ``test_accuracy`` (the kept, best-validation model: what the run delivers) and
@@ -38,6 +38,7 @@ from pipeline.names import (
 )
 from pipeline.reports import comparisons
 from pipeline.tracking.runs import runs_killed_at_once
+from pipeline.tracking.stores import open_tracking_store
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
 EVALUATION_STEP = 0  # evaluate_on_test logs without a step; the test curve's steps are the epochs 1..N
@@ -213,7 +214,8 @@ def write_report(experiment_name: str, out_root: Path = Path("reports"),
 @click.option("--reference", default=comparisons.REFERENCE_EXPERIMENT, show_default=True,
               help="Experiment (in the same store) whose seeded runs the paired test compares each point with.")
 def report_command(experiment_name, out, reference):
-    """Leaderboard (markdown, CSV) and accuracy curves of all runs of an MLflow experiment."""
+    """Writes leaderboard.md, leaderboard.csv and accuracy_curves.png to OUT/EXPERIMENT_NAME/ and logs them."""
+    open_tracking_store()
     result = write_report(experiment_name, out, reference)
     click.echo(result["markdown"])
     click.echo(f"written to {result['directory']} and logged to run {result['run_id']}")

@@ -20,9 +20,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import scoring_server
 
-from pipeline.cli import make_config, options_from
 from pipeline.config import IMAGE_SIZE, ModelInput, ServeConfig
 from pipeline.runtime.signals import interrupts_raise_keyboard_interrupt
+from pipeline.steps.options import make_config, options_from
 from pipeline.tracking.safe_loading import checked_copy, load_checked
 
 IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
@@ -86,7 +86,7 @@ def load_served_model(model_uri: str) -> ServedModel:
 @click.command("serve")
 @options_from(ModelInput, ServeConfig)
 def serve_command(model_uri, **options):
-    """Serve a logged model over HTTP (MLflow's scoring server: /ping, /invocations)."""
+    """Input is refused with HTTP 400 unless it is float images (N, 1, 28, 28), finite, within [0, 1]."""
     cfg = make_config(ServeConfig, options)
     app = scoring_server.init(load_served_model(model_uri))
     click.echo(f"Serving {model_uri} on http://{cfg.host}:{cfg.port} (POST /invocations, GET /ping); "

@@ -12,12 +12,7 @@ import mlflow
 from pipeline.config import StabilityConfig
 from pipeline.core import figures
 from pipeline.core.splits import Splits
-from pipeline.core.stability import (
-    scale_sweep,
-    summarize,
-    train_side_by_side,
-    trained_logits,
-)
+from pipeline.core.stability import scale_sweep, summarize, train_side_by_side, trained_logits
 from pipeline.core.training import Tensors
 from pipeline.names import STABILITY_TABLES
 from pipeline.tracking.runs import log_new_params, log_series

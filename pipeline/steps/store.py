@@ -13,6 +13,8 @@ from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from pipeline.tracking.stores import open_tracking_store
+
 
 def create_experiment_if_new(name: str) -> None:
     client = MlflowClient()
@@ -26,8 +28,7 @@ def create_experiment_if_new(name: str) -> None:
 
 @click.command("create-store")
 def create_store_command():
-    """Create the MLflow tracking store and the experiment runs go to, if new (run it before several `mlflow run`)."""
-    MlflowClient().search_experiments()  # opens (so creates) the store, under its lock
+    open_tracking_store()
     if not MLFLOW_EXPERIMENT_ID.get():  # an experiment given by id exists already (or the commands refuse it)
         create_experiment_if_new(MLFLOW_EXPERIMENT_NAME.get())
     click.echo(f"MLflow store {mlflow.get_tracking_uri()} ready; runs go to experiment "

@@ -1,96 +1,24 @@
-"""Step ``train``: the seed model trained with one set of settings; params, curves and the model logged.
-
-The loop itself is plain PyTorch (``pipeline.core.training.fit``); this step wraps MLflow around it: the
-settings as params, one batched metrics call per epoch, the curves figure, the best epoch's model.
-Optuna's trials (``pipeline.tuning.trials``) and experiment files train through ``train`` too.
-"""
-
-from dataclasses import asdict
+"""Command ``train``: the model trained once with the given settings, in one MLflow run
+(``pipeline.tracking.training``); Ctrl-C and SIGTERM end the run KILLED after the epoch under way."""
 
 import click
 import mlflow
-from tqdm import tqdm
 
-from pipeline.cli import make_config, options_from
 from pipeline.config import DataInput, TrainConfig
-from pipeline.core import figures
-from pipeline.core.models import build_model
-from pipeline.core.splits import Splits, array_digest
-from pipeline.core.training import DivergedError, FitResult, Tensors, fit
-from pipeline.names import (
-    CURVES_FIGURE,
-    FAILURE_TAG,
-    MODEL_URI_TAG,
-    STOPPED_EARLY_TAG,
-    VAL_DIGEST_TAG,
-)
-from pipeline.runtime.signals import held_during_write
-from pipeline.tracking.datasets import load_data, log_datasets
-from pipeline.tracking.logged_models import log_model, model_name
-from pipeline.tracking.runs import log_epoch, log_new_params, runs_killed_at_safe_points
-
-
-def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
-          progress: bool = True, on_epoch=None) -> tuple[FitResult, object]:
-    """Train the seed model with ``cfg`` and log params, curves, best epoch and the model.
-
-    ``on_epoch`` lets a caller (Optuna's pruner) see each epoch after it is logged. Returns the fit
-    result and MLflow's ModelInfo. A diverging run is tagged with the reason and raises, so the run
-    ends FAILED with a clear message.
-    """
-    tensors = tensors or Tensors.from_splits(splits)
-    log_training_inputs(cfg, splits)
-    bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
-
-    def after_epoch(metrics: dict) -> None:
-        # synchronous, so a crash loses no finished epoch (asynchronous logging measured no faster here)
-        with held_during_write():  # Ctrl-C comes after the write, not inside its sqlite transaction
-            log_epoch(metrics)
-        bar.update()
-        bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_accuracy")})
-        if on_epoch is not None:
-            on_epoch(metrics)
-
-    try:
-        result = fit(build_model(cfg.seed), tensors, cfg, on_epoch=after_epoch)
-    except DivergedError as e:
-        log_epoch(e.metrics)  # the NaN/inf epoch shows in the curves too
-        mlflow.set_tag(FAILURE_TAG, e.message)
-        raise
-    finally:
-        bar.close()
-    return result, log_fit_result(result, splits, cfg)
-
-
-def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
-    """Before training, on the active run: the settings, and the data it learns from and chooses by."""
-    log_new_params(asdict(cfg))
-    # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
-    mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
-    log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
-
-
-def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
-    """After training, on the active run: the curves figure, the best epoch's model and the summary.
-
-    Trials trained side by side (``pipeline.tuning.stacked_trials``) log through here too.
-    """
-    mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
-    model_info = log_model(result.model, splits.val_x[:4], step=result.best_epoch,
-                                    name=model_name(cfg))
-    summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
-               "epochs_run": len(result.history)}
-    mlflow.log_metrics(summary, model_id=model_info.model_id)
-    mlflow.set_tags({STOPPED_EARLY_TAG: result.stopped_early, MODEL_URI_TAG: model_info.model_uri})
-    return model_info
+from pipeline.steps.options import make_config, options_from
+from pipeline.tracking.datasets import load_data
+from pipeline.tracking.owners import end_runs_of_dead_processes
+from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
+from pipeline.tracking.stores import open_tracking_store
+from pipeline.tracking.training import train
 
 
 @click.command("train")
 @options_from(TrainConfig, DataInput)
 def train_command(data, **options):
-    """Train the softmax regression and log curves and the model."""
     cfg = make_config(TrainConfig, options)
-    # Ctrl-C and SIGTERM end the run KILLED after the epoch under way (pipeline.runtime.signals)
+    open_tracking_store()
+    end_runs_of_dead_processes()
     with mlflow.start_run(run_name="train") as run, runs_killed_at_safe_points() as interrupted:
         log_new_params({"data": data})
         splits = load_data(data)

@@ -19,23 +19,19 @@ import click
 import mlflow
 import optuna
 
-from pipeline.cli import make_config, options_from
 from pipeline.config import DataInput, SearchSpace, TuneConfig
 from pipeline.core.splits import Splits, array_digest
 from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_TAG
-from pipeline.runtime import processes as owners
-from pipeline.steps.evaluate import evaluate_on_test
+from pipeline.steps.options import make_config, options_from
 from pipeline.tracking.datasets import load_data
+from pipeline.tracking.evaluation import evaluate_on_test
+from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.registry import promote_if_better
 from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
+from pipeline.tracking.stores import open_tracking_store
 from pipeline.tuning.dead_trials import recover_dead_trials
 from pipeline.tuning.record import describe, log_figures, log_trials_table, record_best
-from pipeline.tuning.storage import (
-    open_storage,
-    open_study,
-    printable_url,
-    storage_faults_named,
-)
+from pipeline.tuning.storage import open_storage, open_study, printable_url, storage_faults_named
 from pipeline.tuning.workers import run_workers
 
 
@@ -62,7 +58,6 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
                else contextlib.nullcontext())
     with own_run, runs_killed_at_safe_points(), storage_faults_named(tune_cfg.storage):
         parent = mlflow.active_run().info
-        owners.claim_active_run()  # if this process is killed, the next command ends this run
         log_new_params({**asdict(tune_cfg), "storage": printable_url(tune_cfg.storage),
                                  **asdict(space), "data": data_uri})
         mlflow.set_tag(STUDY_TAG, tune_cfg.study_name)
@@ -83,8 +78,9 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
 @click.command("tune")
 @options_from(TuneConfig, SearchSpace, DataInput)
 def tune_command(data, **options):
-    """Search lr, epochs and weight decay with Optuna; test and register the best model."""
     space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options)
+    open_tracking_store()
+    end_runs_of_dead_processes()
     # system metrics (CPU, memory, disk, network: system/* every 10 s, psutil) show what a long study used
     with mlflow.start_run(run_name=f"tune {cfg.study_name}", log_system_metrics=True):
         study = run_study(cfg, space, data)

@@ -7,12 +7,7 @@ from mlflow.entities import Run
 
 from pipeline.config import TrainConfig, field_names
 from pipeline.errors import PipelineError
-from pipeline.names import (
-    BEST_RUN_TAG,
-    DELIVERED_PREFIX,
-    DELIVERED_RUN_TAG,
-    VAL_DIGEST_TAG,
-)
+from pipeline.names import BEST_RUN_TAG, DELIVERED_PREFIX, DELIVERED_RUN_TAG, VAL_DIGEST_TAG
 
 
 def training_run(model_run: Run) -> Run:

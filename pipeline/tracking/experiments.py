@@ -10,11 +10,8 @@ training runs.
 Imports only MLflow: ``main`` runs it without PyTorch.
 """
 
-import contextlib
-import functools
 import os
 
-import click
 from mlflow import MlflowClient
 from mlflow.entities import Experiment
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
@@ -55,27 +52,3 @@ def mark_chosen_experiment() -> None:
                   else client.get_experiment_by_name(MLFLOW_EXPERIMENT_NAME.get()))
     if experiment is not None:
         mark_as_training(experiment)
-
-
-def records_in_project_experiment(callback):
-    """Wrap a command's callback: the project's experiment by default, marked once the command has run.
-
-    Marked afterwards, because MLflow creates the experiment at the command's first run; from then on
-    the UI opens it on the training runs, also while later commands are still running.
-    """
-    @functools.wraps(callback)
-    def wrapper(*args, **kwargs):
-        default_to_project_experiment()
-        try:
-            result = callback(*args, **kwargs)
-        except click.UsageError:
-            raise  # bad options: nothing was recorded, and no store is opened to mark anything
-        except BaseException:
-            with contextlib.suppress(MlflowException):  # the store may be why it failed: keep that error
-                mark_chosen_experiment()
-            raise
-        mark_chosen_experiment()
-        return result
-
-    wrapper.records_runs = True
-    return wrapper

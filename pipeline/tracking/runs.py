@@ -16,11 +16,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 
 from pipeline.names import FAILURE_TAG
-from pipeline.runtime.signals import (
-    interrupt_reason,
-    interrupts_at_safe_points,
-    interrupts_raise_keyboard_interrupt,
-)
+from pipeline.runtime.signals import interrupt_reason, interrupts_at_safe_points, interrupts_raise_keyboard_interrupt
 
 
 def log_new_params(params: dict) -> None:

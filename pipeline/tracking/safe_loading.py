@@ -29,10 +29,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import yaml
-from mlflow.environment_variables import (
-    MLFLOW_ALLOW_PICKLE_DESERIALIZATION,
-    MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR,
-)
+from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError

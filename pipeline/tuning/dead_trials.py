@@ -21,7 +21,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from pipeline.names import INTERRUPTED_ATTR, OWNER_ATTR
-from pipeline.runtime import processes as owners
+from pipeline.runtime import processes
 from pipeline.tuning.storage import close_stale_run
 
 
@@ -47,7 +47,7 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = trial.user_attrs.get(OWNER_ATTR)
-        if owner and owners.is_dead(owner) and fail_dead_trial(study, trial, owners.why_dead(owner)):
+        if owner and processes.is_dead(owner) and fail_dead_trial(study, trial, processes.why_dead(owner)):
             recovered.append(trial.number)
     if has_heartbeats(study):
         with warnings.catch_warnings():
@@ -59,13 +59,13 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
 
 
 def watched_running_trials(study: optuna.Study) -> list[int]:
-    """RUNNING trials whose death would be noticed, so worth waiting for: their owner runs on this host,
-    or on another with heartbeats. (A trial whose worker died before recording its owner, within a
-    millisecond of its start, is not waited for: it holds its place, as trials did before owners.)"""
-    here, heartbeats = owners.this_host(), has_heartbeats(study)
+    """RUNNING trials whose death would be noticed, so worth waiting for: their owner runs here, or
+    elsewhere with heartbeats. (A trial whose worker died before recording its owner, within a
+    millisecond of its start, is not waited for: it holds its place.)"""
+    heartbeats = has_heartbeats(study)
     watched = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host = owners.host_of(trial.user_attrs.get(OWNER_ATTR, ""))
-        if host == here or (host is not None and heartbeats):
+        owner = trial.user_attrs.get(OWNER_ATTR, "")
+        if processes.runs_here(owner) or (processes.parsed(owner) is not None and heartbeats):
             watched.append(trial.number)
     return watched

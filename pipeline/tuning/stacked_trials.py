@@ -4,7 +4,7 @@
 interface takes K trials at once; ``pipeline.core.stacked`` trains them together on the same
 batches, each exactly as it would train alone. Each trial still gets everything a trial gets one at a
 time: its own nested MLflow run with its params, per-epoch metrics, curves figure, model and summary
-(logged by ``steps.train.log_fit_result``), its own pruner reports, and its own end: COMPLETE, PRUNED or
+(logged by ``pipeline.tracking.training.log_fit_result``), its own pruner reports, and its own end: COMPLETE, PRUNED or
 FAIL, as soon as it stops, while the others train on.
 
 The lifecycle is explicit, because ``study.optimize`` no longer does it for us: every asked trial is
@@ -47,8 +47,8 @@ from pipeline.names import (
 )
 from pipeline.runtime.processes import this_process
 from pipeline.runtime.signals import interrupt_reason
-from pipeline.steps.train import log_fit_result, log_training_inputs
 from pipeline.tracking.runs import log_epoch
+from pipeline.tracking.training import log_fit_result, log_training_inputs
 from pipeline.tuning.dead_trials import recover_dead_trials
 from pipeline.tuning.search import make_sampler, suggest_params
 from pipeline.tuning.storage import storage_problem
@@ -130,7 +130,7 @@ def end_run(member: Running, state: TrialState, status: str, reason: str | None 
 
 
 def complete(study, member: Running, result: FitResult, splits: Splits) -> None:
-    """A trial that trained to its end or stopped early: log its result as steps.train does, tell COMPLETE."""
+    """A trial that trained to its end or stopped early: log its result as tracking.training does, tell COMPLETE."""
     with mlflow.start_run(run_id=member.run_id, nested=True):  # ends FAILED if logging raises
         log_training_inputs(member.cfg, splits)
         model_info = log_fit_result(result, splits, member.cfg)
@@ -167,7 +167,7 @@ def run_group(study: optuna.Study, cfg: TuneConfig, space: SearchSpace, splits: 
     running: list[Running] = []
     pruning = SharedStudyRead(study)  # one read of the study per epoch for the pruner, not one per trial
 
-    def on_epoch(i: int, metrics: dict) -> None:  # what steps.train and a trial one at a time do, per trial
+    def on_epoch(i: int, metrics: dict) -> None:  # what tracking.training and a trial one at a time do, per trial
         interrupted()  # between epochs, before this trial's writes: the store is never cut mid-write
         member = running_by_index[i]
         log_epoch(metrics, run_id=member.run_id)

@@ -18,21 +18,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from pipeline.config import (
-    JOURNAL_SCHEME,
-    POSTGRES_CONNECT_ARGS,
-    SearchSpace,
-    TuneConfig,
-    is_journal,
-)
-from pipeline.errors import (
-    PipelineError,
-    causes,
-    fault_of,
-    file_fault,
-    from_optuna_storage,
-    printable_url,
-)
+from pipeline.config import JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS, SearchSpace, TuneConfig, is_journal
+from pipeline.errors import PipelineError, causes, fault_of, file_fault, from_optuna_storage, printable_url
 from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
 from pipeline.runtime.store_files import create_if_new, creation_lock
 from pipeline.tuning.search import seed_recipe_params

@@ -1,6 +1,6 @@
 """One Optuna trial as one nested MLflow run, and the loop that takes trials until the study is full.
 
-Each trial trains with ``pipeline.steps.train.train`` (so a trial logs exactly what a train run logs)
+Each trial trains with ``pipeline.tracking.training.train`` (so a trial logs exactly what a train run logs)
 and reports every epoch's val accuracy to the pruner.
 """
 
@@ -30,7 +30,7 @@ from pipeline.names import (
 )
 from pipeline.runtime.processes import this_process
 from pipeline.runtime.signals import interrupt_reason, interrupts_at_safe_points
-from pipeline.steps.train import train
+from pipeline.tracking.training import train
 from pipeline.tuning.dead_trials import recover_dead_trials, watched_running_trials
 from pipeline.tuning.search import make_pruner, make_sampler, suggest_params
 from pipeline.tuning.storage import open_storage
@@ -39,7 +39,7 @@ from pipeline.tuning.storage import open_storage
 class PrunerReport:
     """An ``on_epoch`` callback: report val accuracy to the trial's pruner, stop the trial if it says so.
 
-    One per trial, whether trained one at a time (through ``steps.train``, logging to the active run)
+    One per trial, whether trained one at a time (through ``tracking.training``, logging to the active run)
     or side by side (``pipeline.tuning.stacked_trials``, logging to the trial's ``run_id``, and with
     the stack's trials sharing one read of the study per epoch: ``shared``).
     """

@@ -21,11 +21,7 @@ import mlflow
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
-from pipeline.errors import (
-    PipelineError,
-    quiet_store_tracebacks,
-    show_traceback_when_debugging,
-)
+from pipeline.errors import PipelineError, quiet_store_tracebacks, show_traceback_when_debugging
 from pipeline.runtime.signals import exit_status, interrupts_at_safe_points
 from pipeline.tuning.storage import storage_faults_named
 from pipeline.tuning.trials import work_on_study
