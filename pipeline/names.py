@@ -23,6 +23,7 @@ MODEL_ARTIFACT = "model"
 CLASS_COUNTS = "class_counts.json"
 SAMPLES_FIGURE = "samples.png"
 CURVES_FIGURE = "curves.png"
+NO_MODEL_NOTE = "no_model.txt"  # on a trial that keeps no model (pruned, diverged): why
 PER_CLASS_TABLE = "per_class.json"
 PER_CLASS_CSV = "per_class.csv"
 CONFUSION_FIGURE = "confusion_matrix.png"

@@ -25,7 +25,7 @@ from pipeline.config import SearchSpace, TuneConfig
 from pipeline.names import FAILURE_TAG, INTERRUPTED_ATTR, OWNER_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
 from pipeline.runtime.signals import interrupts_at_safe_points
 from pipeline.tuning.storage import open_storage
-from pipeline.tuning.trials import work_on_study
+from pipeline.tuning.workers import work_on_study
 from tests.fault_helpers import run_statuses
 from tests.study_helpers import load, tune_command
 
@@ -236,14 +236,14 @@ def test_a_trial_run_ends_even_when_its_last_tag_cannot_be_written(real_slice, m
     cfg = TuneConfig(trials=1, storage=f"journal:///{tmp_path / 'optuna.log'}", study_name="s", test_best=False,
                      pruner="none", patience=0, side_by_side=1)
     optuna.create_study(study_name="s", storage=open_storage(cfg), direction="maximize")
-    set_tag = mlflow.set_tag
+    set_tag = MlflowClient.set_tag
 
-    def store_fails_on_the_trial_state(key, value):
+    def store_fails_on_the_trial_state(client, run_id, key, value, *args, **kwargs):
         if key == TRIAL_STATE_TAG:
             raise MlflowException("the tracking store stopped answering")
-        set_tag(key, value)
+        set_tag(client, run_id, key, value, *args, **kwargs)
 
-    monkeypatch.setattr(mlflow, "set_tag", store_fails_on_the_trial_state)
+    monkeypatch.setattr(MlflowClient, "set_tag", store_fails_on_the_trial_state)
     with mlflow.start_run() as parent, interrupts_at_safe_points():
         with pytest.raises(MlflowException, match="stopped answering"):
             work_on_study(cfg, SearchSpace(epochs_low=1, epochs_high=1), splits, parent.info)

@@ -222,8 +222,9 @@ def test_an_optuna_storage_that_turns_read_only_mid_study_is_named_and_every_run
     # the finished trials and their runs are kept; the trials the fault cut short are failed by the next
     # command (here: the same recovery, in this process, now that the file can be written again)
     chattr("-i", db)
-    study = optuna.load_study(study_name="s", storage=open_storage(TuneConfig(storage=storage)))
-    recover_dead_trials(study)
+    reopened = open_storage(TuneConfig(storage=storage))
+    study = optuna.load_study(study_name="s", storage=reopened)
+    recover_dead_trials(study, reopened)
     runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert completed and not [t for t in study.trials if t.state == TrialState.RUNNING]

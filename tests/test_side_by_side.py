@@ -12,7 +12,6 @@ import sys
 from dataclasses import fields
 
 import mlflow
-import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -29,8 +28,7 @@ from pipeline.names import (
     RUN_ID_ATTR,
     SIDE_BY_SIDE_TAG,
 )
-from pipeline.steps.tune import run_study
-from pipeline.tuning.trials import SharedStudyRead
+from pipeline.tuning.study import run_study
 from tests.study_helpers import (
     SMALL_SPACE,
     assert_one_finished_run_per_trial,
@@ -146,39 +144,6 @@ def test_models_that_cannot_share_batches_are_refused(other, message):
 # The study: ask/tell, one MLflow run per trial, interrupts and kills
 
 
-def test_trials_deciding_after_one_epoch_share_one_read_and_decide_as_optuna_would(tmp_path):
-    """The stack's pruning decisions after an epoch come from one read of the study (SharedStudyRead), and
-    each is the decision ``Trial.should_prune`` makes: a real sqlite storage and Optuna's median pruner."""
-    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'optuna.db'}", direction="maximize",
-                                pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1))
-    for finished in ([0.50, 0.60, 0.70], [0.40, 0.55, 0.65]):  # the median curve: 0.45, 0.575, 0.675
-        trial = study.ask()
-        for step, value in enumerate(finished, start=1):
-            trial.report(value, step)
-        study.tell(trial, finished[-1])
-    stack = [study.ask() for _ in range(4)]
-    curves = {0: [0.30, 0.40, 0.80], 1: [0.50, 0.70, 0.60], 2: [0.46, 0.50, 0.70], 3: [0.20, 0.59, 0.50]}
-    reads = []
-    get_trials = study.get_trials
-    study.get_trials = lambda *a, **k: reads.append(1) or get_trials(*a, **k)  # counts the reads
-    shared = SharedStudyRead(study)
-    decisions = []
-    for step in (1, 2, 3):
-        for i, trial in enumerate(stack):
-            trial.report(curves[i][step - 1], step)
-            renewed = step == 3 and i == 2
-            if renewed:
-                shared.renew()  # as when a trial of the stack ends: the next decision reads again
-            before = len(reads)
-            ours = shared.should_prune(trial)
-            reads_by_shared = len(reads) - before
-            assert ours == trial.should_prune()  # Optuna's own decision, from its own read
-            decisions.append(ours)
-            assert reads_by_shared == (1 if i == 0 or renewed else 0)  # one read per epoch of the stack
-    # the decisions are not all alike: the test would catch a shared read that hid the finished trials
-    assert True in decisions and False in decisions
-
-
 @pytest.mark.slow
 def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, tensors, mlflow_store, tmp_path):
     """Same seed: the same trials with the same results, each with its own complete MLflow run. A trial
@@ -287,7 +252,7 @@ def test_killed_worker_group_is_failed_and_the_next_run_goes_on(real_slice, subp
     cfg = TuneConfig(trials=3, storage=storage, study_name="s", test_best=False, heartbeat_interval=1,
                      patience=0, pruner="none", side_by_side=3)
     long_trials = SearchSpace(epochs_low=300, epochs_high=300)
-    script = f"import sys; from pipeline.steps.tune import *; run_study({cfg!r}, {long_trials!r}, sys.argv[1])"
+    script = f"import sys; from pipeline.tuning.study import *; run_study({cfg!r}, {long_trials!r}, sys.argv[1])"
     process = subprocess.Popen([sys.executable, "-c", script, str(data)], env=subprocess_env)
     wait_for_group(storage, 3)
     process.kill()

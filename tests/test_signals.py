@@ -15,7 +15,7 @@ from pipeline.names import FAILURE_TAG, RUN_ID_ATTR
 from pipeline.runtime.signals import held_during_write, interrupts_at_safe_points, interrupts_raise_keyboard_interrupt
 from pipeline.tracking.runs import runs_killed_at_safe_points
 from pipeline.tuning.storage import open_storage
-from pipeline.tuning.trials import work_on_study
+from pipeline.tuning.workers import work_on_study
 
 
 @pytest.fixture(autouse=True)

@@ -33,11 +33,11 @@ from pipeline.names import (
     VAL_DIGEST_TAG,
     VERSION_VAL_DIGEST_TAG,
 )
-from pipeline.steps.tune import run_study
 from pipeline.tracking.logged_models import log_model
 from pipeline.tracking.registry import promote_if_better
 from pipeline.tuning.storage import open_storage
-from pipeline.tuning.trials import run_trial
+from pipeline.tuning.study import run_study
+from pipeline.tuning.trials import Heartbeats, Worker, ask_trial, train_alone
 from tests.helpers import REPO, child_env
 
 
@@ -189,9 +189,12 @@ def test_a_pruned_trial_logs_its_best_so_far_and_where_it_stopped(real_slice, ml
     # a real pruner that stops every trial at epoch 3: no accuracy reaches 1.0
     study = optuna.create_study(study_name="p", storage=open_storage(cfg), direction="maximize",
                                 pruner=optuna.pruners.ThresholdPruner(lower=1.0, n_warmup_steps=3))
-    with mlflow.start_run() as parent:
-        study.optimize(lambda t: run_trial(t, cfg, space, splits, Tensors.from_splits(splits), parent.info),
-                       n_trials=1)
+    storage = open_storage(cfg)
+    study = optuna.load_study(study_name="p", storage=storage, pruner=study.pruner)
+    with mlflow.start_run() as parent, Heartbeats(storage, cfg.heartbeat_interval) as heartbeats:
+        worker = Worker(study, storage, cfg, space, splits, Tensors.from_splits(splits), parent.info,
+                        lambda: None, heartbeats)
+        train_alone(worker, ask_trial(worker))
     (trial,) = study.trials
     assert trial.state == optuna.trial.TrialState.PRUNED
     curve = trial.intermediate_values

@@ -19,9 +19,9 @@ from pipeline.cli import cli
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig, is_journal
 from pipeline.errors import PipelineError
 from pipeline.names import BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR
-from pipeline.steps.tune import run_study
 from pipeline.tuning.search import make_pruner, make_sampler
 from pipeline.tuning.storage import open_storage
+from pipeline.tuning.study import run_study
 from tests.study_helpers import (
     SMALL_SPACE,
     assert_one_finished_run_per_trial,
@@ -234,7 +234,7 @@ def test_killed_worker_is_failed_at_once_by_the_next_run(real_slice, subprocess_
     cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, patience=0, pruner="none",
                      side_by_side=1)  # one at a time: tests/test_side_by_side.py kills a group
     long_trials = SearchSpace(epochs_low=300, epochs_high=300)
-    script = ("import sys; from pipeline.steps.tune import *; "
+    script = ("import sys; from pipeline.tuning.study import *; "
               f"run_study({cfg!r}, {long_trials!r}, sys.argv[1])")
     process = subprocess.Popen([sys.executable, "-c", script, str(data)], env=subprocess_env)
     wait_for_running_trial(storage, 1)

@@ -12,7 +12,7 @@ The CLI makes SIGTERM act like Ctrl-C for every command, from before it imports 
 
 Either way ``runs_end_killed_on_interrupt`` then ends every active run KILLED, the reason as its tag
 ``pipeline.failure``, and the CLI prints one line (``stopped_by``). Trials end their own runs
-(``pipeline.tuning.trials``, ``batched_trials``). Imports nothing heavy (MLflow only when a run ends).
+(``pipeline.tuning.trials``). Imports nothing heavy (MLflow only when a run ends).
 """
 
 import contextlib

@@ -4,7 +4,7 @@ The file's format is checked by ``pipeline.experiment_files.spec`` before anythi
 are prepared once; a parent run (tag ``pipeline.role=experiment``, the YAML file as its artifact) holds
 one nested run per grid point, each trained in-process with ``pipeline.tracking.training.train`` and then
 tested with ``pipeline.tracking.evaluation.evaluate_on_test``, so every run in the report has a test
-accuracy; a tune file runs its study through ``pipeline.steps.tune.run_study``.
+accuracy; a tune file runs its study through ``pipeline.tuning.study.run_study``.
 """
 
 import dataclasses
@@ -192,7 +192,7 @@ def run_convex(spec: ExperimentSpec, point: dict, caps: Caps, splits, tensors) -
 
 def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path) -> str:
     """The study, through the tune module, in a nested run that becomes the trials' parent."""
-    from pipeline.steps.tune import run_study  # Optuna, only for tune files
+    from pipeline.tuning.study import run_study  # Optuna, only for tune files
 
     tune_values, space_values = split_study(spec.study)
     tune_cfg = capped(TuneConfig(**tune_values), caps, trials=caps.max_trials)

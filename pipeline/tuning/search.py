@@ -7,11 +7,12 @@ The study then records what each trial trained with: a trial without weight deca
 used it).
 """
 
+import hashlib
 import warnings
 
 import optuna
 
-from pipeline.config import SearchSpace, TrainConfig
+from pipeline.config import SearchSpace, TrainConfig, TuneConfig
 
 
 def seed_recipe_params(space: SearchSpace) -> dict:
@@ -43,6 +44,12 @@ def training_params(params: dict) -> dict:
     in every trial, also when ``use_weight_decay`` was False and training used 0)."""
     return {"lr": params["lr"], "epochs": params["epochs"],
             "weight_decay": params["weight_decay"] if params["use_weight_decay"] else 0.0}
+
+
+def sampler_for(cfg: TuneConfig, key: str) -> optuna.samplers.BaseSampler:
+    """A fresh ``cfg.sampler`` whose seed comes from the study's seed and ``key``."""
+    digest = hashlib.sha256(f"{cfg.seed}/{key}".encode()).digest()
+    return make_sampler(cfg.sampler, int.from_bytes(digest[:4], "big"))
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:

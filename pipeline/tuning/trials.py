@@ -1,218 +1,128 @@
-"""One Optuna trial as one nested MLflow run, and the loop that takes trials until the study is full.
+"""Optuna trials, each one nested MLflow run: asked, trained, reported epoch by epoch, then told.
 
-Each trial trains with ``pipeline.tracking.training.train`` (so a trial logs exactly what a train run logs)
-and reports every epoch's val accuracy to the pruner.
+A worker trains its trials one at a time (``work_one_at_a_time`` here: any model, through
+``pipeline.tracking.training.train``, exactly as the ``train`` command does) or K at once as one stacked
+layer (``pipeline.tuning.stacked_trials``). Both drive Optuna through its ask-and-tell interface and
+share each trial's life:
+
+1. ``ask_trial``: a trial (a queued one first: the seed recipe), its owner recorded first (if this
+   process dies, a later command can tell), a check that workers asking at the same moment did not
+   overfill the study, its heartbeat (database storages), its settings, and its MLflow run;
+2. each epoch: the metrics are written to the run, then the val accuracy goes to the pruner
+   (``report_epoch``), which may stop the trial;
+3. its end (``close_trial``; ``fail_trials`` for an interrupt or a fault): the MLflow run is ended first,
+   with Optuna's state as a tag (a run never depends on Optuna's storage, which may be what failed),
+   then Optuna is told.
+
+Ctrl-C and SIGTERM stop a worker only at safe points, between the stores' writes (``worker.interrupted``,
+``pipeline.runtime.signals``); an interrupted trial is FAIL without a result (a new trial takes its
+place when the study resumes) and its run KILLED.
 """
 
-import copy
+import threading
 import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mlflow
 import optuna
-import torch
+from mlflow import MlflowClient
+from mlflow.entities import RunInfo
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig
+from pipeline.core import figures
 from pipeline.core.splits import Splits
-from pipeline.core.training import DivergedError, Tensors
+from pipeline.core.training import DivergedError, FitResult, Tensors
+from pipeline.errors import fault_of
 from pipeline.names import (
     BEST_EPOCH_ATTR,
+    CURVES_FIGURE,
     FAIL_REASON_ATTR,
     FAILURE_TAG,
     INTERRUPTED_ATTR,
     MODEL_URI_ATTR,
+    NO_MODEL_NOTE,
     OWNER_ATTR,
     OWNER_TAG,
     RUN_ID_ATTR,
+    SIDE_BY_SIDE_TAG,
     STUDY_TAG,
     TRIAL_STATE_TAG,
     TRIAL_TAG,
 )
 from pipeline.runtime.processes import this_process
-from pipeline.runtime.signals import interrupt_reason, interrupts_at_safe_points
+from pipeline.runtime.signals import interrupt_reason
 from pipeline.tracking.training import train
-from pipeline.tuning.dead_trials import recover_dead_trials, watched_running_trials
-from pipeline.tuning.search import make_pruner, make_sampler, suggest_params
-from pipeline.tuning.storage import open_storage
+from pipeline.tuning.dead_trials import has_heartbeats, recover_dead_trials, trial_id, watched_running_trials
+from pipeline.tuning.search import sampler_for, suggest_params
+from pipeline.tuning.storage import storage_problem
 
 
-class PrunerReport:
-    """An ``on_epoch`` callback: report val accuracy to the trial's pruner, stop the trial if it says so.
+class Heartbeats:
+    """One thread that records a heartbeat for every running trial of this worker, each interval.
 
-    One per trial, whether trained one at a time (through ``tracking.training``, logging to the active run)
-    or side by side (``pipeline.tuning.stacked_trials``, logging to the trial's ``run_id``, and with
-    the stack's trials sharing one read of the study per epoch: ``shared``).
+    So a worker killed without a word has its trials failed by any other worker, on any machine
+    (``dead_trials``). Journal files have no heartbeats: there the thread never starts.
     """
 
-    def __init__(self, trial: optuna.Trial, run_id: str | None = None, shared: "SharedStudyRead | None" = None):
-        self.trial, self.run_id, self.shared = trial, run_id, shared
-        self.best = {"best_val_accuracy": -1.0, "best_epoch": 0}  # so far
+    def __init__(self, storage: BaseStorage, interval: int):
+        self.storage, self.interval = storage, interval
+        self.trial_ids: set[int] = set()
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self.beat, name="trial heartbeats", daemon=True)
 
-    def __call__(self, metrics: dict) -> None:
-        self.trial.report(metrics["val_accuracy"], step=metrics["epoch"])
-        if metrics["val_accuracy"] > self.best["best_val_accuracy"]:
-            self.best.update(best_val_accuracy=metrics["val_accuracy"], best_epoch=metrics["epoch"])
-        if self.shared.should_prune(self.trial) if self.shared else self.trial.should_prune():
-            # what the trial reached before it was stopped: without it MLflow's compare view would
-            # draw the pruned run without a best_val_accuracy, at the top of that axis
-            mlflow.log_metrics({**self.best, "pruned_at_epoch": metrics["epoch"], "epochs_run": metrics["epoch"]},
-                               run_id=self.run_id)
-            raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: "
-                                     f"val accuracy {metrics['val_accuracy']:.4f}")
+    def __enter__(self) -> "Heartbeats":
+        if has_heartbeats(self.storage):
+            self.thread.start()
+        return self
 
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join()
 
-class SharedStudyRead:
-    """One read of the study for the pruner's decisions on all the trials of a stack after an epoch.
+    def add(self, trial_id: int) -> None:
+        if has_heartbeats(self.storage):
+            self.storage.record_heartbeat(trial_id)  # at once: a trial without one is never found stale
+        self.trial_ids.add(trial_id)
 
-    ``Trial.should_prune`` has the pruner read the study's trials for every decision (the median pruner
-    compares with the finished trials' curves; the read also brings back every running trial's curve). K
-    trials deciding after the same epoch would read the same rows K times, ~5 ms each and more with every
-    trial in flight. Here each trial decides once per read, and the read is renewed when a trial comes to
-    decide again and when a trial of the stack ends (``renew``): every decision sees every trial this
-    worker has finished, as one at a time; only other workers' news can reach it an epoch late.
-    """
+    def remove(self, trial_id: int) -> None:
+        self.trial_ids.discard(trial_id)
 
-    def __init__(self, study: optuna.Study):
-        self.study, self.read, self.decided = study, None, set()
-
-    def renew(self) -> None:
-        self.read = None
-
-    def should_prune(self, trial: optuna.Trial) -> bool:
-        if self.read is None or trial.number in self.decided:
-            self.read, self.decided = StudyAsRead(self.study, self.study.get_trials(deepcopy=False)), set()
-        self.decided.add(trial.number)
-        # the trial's own curve, as should_prune passes it (kept by the trial as it reports: no read)
-        return self.study.pruner.prune(self.read, trial._get_latest_trial())
+    def beat(self) -> None:
+        while not self.stopped.wait(self.interval):
+            for trial_id in list(self.trial_ids):
+                self.storage.record_heartbeat(trial_id)
 
 
-class StudyAsRead:
-    """A study whose ``get_trials`` answers from one earlier read; everything else is the study's own."""
+@dataclass
+class Worker:
+    """What a worker's trials share: the study and its storage, the settings, the data, the parent run."""
 
-    def __init__(self, study: optuna.Study, trials: list):
-        self._study, self._trials = study, trials
-
-    def get_trials(self, deepcopy: bool = True, states=None) -> list:
-        trials = [t for t in self._trials if states is None or t.state in states]
-        return copy.deepcopy(trials) if deepcopy else trials
-
-    def __getattr__(self, name):
-        return getattr(self._study, name)
-
-
-class SurplusTrial(Exception):
-    """Two workers that counted at the same moment both started a trial: the later-numbered one gives way."""
+    study: optuna.Study
+    storage: BaseStorage
+    cfg: TuneConfig
+    space: SearchSpace
+    splits: Splits
+    tensors: Tensors
+    parent: RunInfo
+    interrupted: Callable[[], None]  # the safe point: raises KeyboardInterrupt once Ctrl-C or SIGTERM came
+    heartbeats: Heartbeats
 
 
-def refuse_surplus(trial: optuna.Trial, cfg: TuneConfig) -> None:
-    """Optuna cannot create a trial only if the study is not yet full; so a new trial checks that the
-    trials numbered before it do not already fill the study, and otherwise fails at once, untrained and
-    without a run (a failed trial without a result does not count: the study keeps ``cfg.trials``)."""
-    earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
-    if sum(map(counts_toward_total, earlier)) >= cfg.trials:
-        reason = f"not needed: the study already holds {cfg.trials} trials"
-        trial.set_user_attr(INTERRUPTED_ATTR, reason)
-        raise SurplusTrial(f"trial {trial.number} {reason}")
+@dataclass
+class TrialRun:
+    """A trial that has been asked and not yet told, with its MLflow run."""
 
-
-def run_trial(trial: optuna.Trial, cfg: TuneConfig, space: SearchSpace, splits: Splits, tensors: Tensors,
-              parent: mlflow.entities.RunInfo, interrupted=lambda: None) -> float:
-    """Train with the trial's parameters in a nested MLflow run; return the best val accuracy.
-
-    The MLflow run always ends: FINISHED when complete or pruned, FAILED when training diverged,
-    KILLED when interrupted; its tag ``pipeline.trial_state`` holds Optuna's state. ``interrupted``:
-    the safe point (``signals.interrupts_at_safe_points``), checked after each epoch's metrics are written.
-    """
-    trial.set_user_attr(OWNER_ATTR, this_process())  # first: if this process dies, a later run can tell
-    refuse_surplus(trial, cfg)
-    params = suggest_params(trial, space)
-    train_cfg = TrainConfig(**params, batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed)
-    run = mlflow.start_run(run_name=f"trial-{trial.number}", experiment_id=parent.experiment_id,
-                           parent_run_id=parent.run_id, nested=True,
-                           tags={STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number),
-                                 OWNER_TAG: this_process()})
-    state, status = TrialState.FAIL, "FAILED"
-    report = PrunerReport(trial)
-
-    def on_epoch(metrics: dict) -> None:
-        interrupted()  # the epoch is written to MLflow, the pruner's write is still to come: a safe point
-        report(metrics)
-
-    try:
-        trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-        result, model_info = train(train_cfg, splits, tensors=tensors, progress=False, on_epoch=on_epoch)
-        trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
-        trial.set_user_attr(BEST_EPOCH_ATTR, result.best_epoch)
-        state, status = TrialState.COMPLETE, "FINISHED"
-        return result.best_val_accuracy
-    except optuna.TrialPruned:
-        state, status = TrialState.PRUNED, "FINISHED"
-        raise
-    except DivergedError as e:  # a failed trial, not a failed study: optimize(catch=...) goes on
-        trial.set_user_attr(FAIL_REASON_ATTR, e.message)
-        raise
-    except KeyboardInterrupt as e:  # no result: this trial's place goes to a new trial on resume
-        status, reason = "KILLED", interrupt_reason(e)  # first: the run ends KILLED whatever fails below
-        trial.set_user_attr(INTERRUPTED_ATTR, reason)
-        mlflow.set_tag(FAILURE_TAG, reason)
-        raise
-    finally:
-        try:
-            mlflow.set_tag(TRIAL_STATE_TAG, state.name)
-        finally:  # a tag that cannot be written must not leave the run RUNNING
-            mlflow.end_run(status)
-
-
-def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo) -> None:
-    """Take trials until the study holds ``cfg.trials``; any number of these may run at once.
-
-    Trials still running in other workers or on other machines hold their place, so the workers
-    together stop at the total (two workers that check within the same few milliseconds may both start
-    one: the surplus one gives way at once, ``refuse_surplus``). Each trial gets a fresh sampler seeded
-    with the seed plus the number of trials so far: one worker gives the same study for the same seed,
-    while workers elsewhere, which would otherwise draw the same random points from the same seed, draw
-    different ones.
-    """
-    # One thread per worker: a 784x10 matrix product gains nothing from more, and threads that
-    # spin-wait for each other run ~10x slower when the cores are shared. Use --workers for more cores.
-    torch.set_num_threads(1)
-    tensors = Tensors.from_splits(splits)  # once per process, shared by all its trials
-    study = optuna.load_study(study_name=cfg.study_name, storage=open_storage(cfg),
-                              pruner=make_pruner(cfg.pruner, space))
-    # Ctrl-C and SIGTERM stop the trials only at safe points, between the stores' writes (why: signals.py)
-    with interrupts_at_safe_points() as interrupted:
-        if cfg.side_by_side > 1:  # K trials at a time, trained as one stack (imported here: it imports us)
-            from pipeline.tuning.stacked_trials import work_side_by_side
-            return work_side_by_side(study, cfg, space, splits, tensors, parent, interrupted)
-        while True:
-            interrupted()
-            recover_dead_trials(study)
-            trials = study.get_trials(deepcopy=False)
-            if sum(map(counts_toward_total, trials)) >= cfg.trials:
-                if not wait_for_running_trials(study, interrupted):
-                    return
-                continue  # they ended: count again, a place may be free
-            study.sampler = make_sampler(cfg.sampler, cfg.seed + len(trials))
-            study.optimize(lambda trial: run_trial(trial, cfg, space, splits, tensors, parent, interrupted),
-                           n_trials=1, catch=(DivergedError, SurplusTrial))
-
-
-def wait_for_running_trials(study: optuna.Study, interrupted, poll_seconds: float = 1.0) -> bool:
-    """Wait while the study's last trials run in other workers; False if there were none.
-
-    The study is full, but a running trial may still be interrupted or its worker die: then its
-    place is free again and this worker takes it, so that the study ends with the trials asked for.
-    Only trials whose death would be noticed are waited for (``watched_running_trials``).
-    """
-    waited = False
-    while running := watched_running_trials(study):
-        if not waited:
-            print(f"tune: waiting for trial(s) {', '.join(map(str, running))} of other workers to finish")
-            waited = True
-        time.sleep(poll_seconds)
-        interrupted()
-        recover_dead_trials(study)
-    return waited
+    trial: optuna.Trial
+    trial_id: int
+    cfg: TrainConfig
+    run_id: str
+    history: list[dict] = field(default_factory=list)  # its epochs so far, for its curves if it is pruned
 
 
 def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
@@ -222,3 +132,183 @@ def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
     if trial.state == TrialState.WAITING:
         return False
     return trial.state != TrialState.FAIL or FAIL_REASON_ATTR in trial.user_attrs
+
+
+def is_full(worker: Worker) -> bool:
+    """Whether the study holds ``cfg.trials`` trials that count."""
+    return sum(map(counts_toward_total, worker.study.get_trials(deepcopy=False))) >= worker.cfg.trials
+
+
+def is_surplus(trial: optuna.Trial, cfg: TuneConfig) -> bool:
+    """Whether the trials numbered before this new one already fill the study: two workers that counted
+    at the same moment both asked one, and the later-numbered gives way."""
+    earlier = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+    return sum(map(counts_toward_total, earlier)) >= cfg.trials
+
+
+def ask_trial(worker: Worker, shuffle_offset: int = 0) -> TrialRun | None:
+    """Ask a trial and start its heartbeat and its MLflow run; None if it is surplus (``is_surplus``).
+
+    ``shuffle_offset``: how many epochs of batch orders a stack drew before this trial joined it (its
+    settings record it, so that the trial trained alone with them gives the same result).
+    """
+    cfg = worker.cfg
+    # Fresh samplers, seeded by the study's seed and the trial: the same study for the same seed with one
+    # worker, and different draws for workers anywhere that ask at the same moment. One for what Optuna
+    # draws when the trial is asked (a GP sampler's joint draw), one for what it draws later by name.
+    worker.study.sampler = sampler_for(cfg, f"after {len(worker.study.get_trials(deepcopy=False))} trials")
+    with warnings.catch_warnings():  # Optuna warns that heartbeats belong to optimize: ``Heartbeats`` records them
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        trial = worker.study.ask()
+    trial.set_user_attr(OWNER_ATTR, this_process())
+    if is_surplus(trial, cfg):  # it gives way untrained, without a run; a failed trial without a result
+        trial.set_user_attr(INTERRUPTED_ATTR, f"not needed: the study already holds {cfg.trials} trials")
+        worker.study.tell(trial, state=TrialState.FAIL)  # does not count
+        return None
+    number = trial_id(worker.storage, worker.study, trial.number)
+    worker.heartbeats.add(number)
+    worker.study.sampler = sampler_for(cfg, f"trial {trial.number}")  # each trial's number is its own
+    train_cfg = TrainConfig(**suggest_params(trial, worker.space), batch_size=cfg.batch_size,
+                            patience=cfg.patience, seed=cfg.seed, shuffle_offset=shuffle_offset)
+    name = f"trial-{trial.number}"
+    run = MlflowClient().create_run(
+        worker.parent.experiment_id, run_name=name,
+        tags={MLFLOW_PARENT_RUN_ID: worker.parent.run_id, STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number),
+              SIDE_BY_SIDE_TAG: str(cfg.side_by_side), OWNER_TAG: this_process()})
+    trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
+    return TrialRun(trial, number, train_cfg, run.info.run_id)
+
+
+def report_epoch(worker: Worker, run: TrialRun, metrics: dict) -> None:
+    """After an epoch's metrics are written to the trial's run: its val accuracy to the pruner, which
+    may stop the trial (``optuna.TrialPruned``). A safe point comes first: no write is under way."""
+    worker.interrupted()
+    run.history.append(metrics)
+    run.trial.report(metrics["val_accuracy"], step=metrics["epoch"])
+    if run.trial.should_prune():
+        raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: val accuracy {metrics['val_accuracy']:.4f}")
+
+
+def end_run(run: TrialRun, state: TrialState, status: str, reason: str | None = None) -> None:
+    """End the trial's MLflow run with Optuna's state as a tag: the active run, or one written to by id."""
+    client = MlflowClient()
+    try:
+        client.set_tag(run.run_id, TRIAL_STATE_TAG, state.name)
+        if reason:
+            client.set_tag(run.run_id, FAILURE_TAG, reason)
+    finally:  # a tag that cannot be written must not leave the run RUNNING
+        active = mlflow.active_run()
+        if active is not None and active.info.run_id == run.run_id:
+            mlflow.end_run(status)
+        else:
+            client.set_terminated(run.run_id, status=status)
+
+
+def tell(worker: Worker, run: TrialRun, state: TrialState, value: float | None = None) -> None:
+    worker.heartbeats.remove(run.trial_id)
+    worker.study.tell(run.trial, value, state=state)
+
+
+def log_stopped_early(run: TrialRun, why: str) -> None:
+    """On the active run of a trial that keeps no model: its curves so far, what it reached, and a note
+    where its model would be, so that every trial's run holds the same things."""
+    best = max(run.history, key=lambda m: m["val_accuracy"])
+    mlflow.log_metrics({"best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
+                        "epochs_run": len(run.history), "pruned_at_epoch": len(run.history)})
+    mlflow.log_figure(figures.training_curves(run.history, f"trial {run.trial.number}: {why}"), CURVES_FIGURE)
+    mlflow.log_text(f"No model: {why}. Only trials that train to their end keep a model.\n", NO_MODEL_NOTE)
+
+
+def close_trial(worker: Worker, run: TrialRun, outcome, model_info=None) -> None:
+    """End a trial by what stopped its training, on its active MLflow run; then tell Optuna.
+
+    ``outcome``: the ``FitResult`` (with the logged model's ``model_info``), ``optuna.TrialPruned`` or
+    ``DivergedError``.
+    """
+    if isinstance(outcome, FitResult):
+        run.trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
+        run.trial.set_user_attr(BEST_EPOCH_ATTR, outcome.best_epoch)
+        end_run(run, TrialState.COMPLETE, "FINISHED")
+        tell(worker, run, TrialState.COMPLETE, outcome.best_val_accuracy)
+    elif isinstance(outcome, optuna.TrialPruned):
+        log_stopped_early(run, str(outcome))
+        MlflowClient().update_run(run.run_id, name=f"trial-{run.trial.number} (pruned)")  # seen in the runs table
+        end_run(run, TrialState.PRUNED, "FINISHED")
+        tell(worker, run, TrialState.PRUNED)
+    elif isinstance(outcome, DivergedError):  # a failed trial, not a failed study: the others go on
+        mlflow.log_text(f"No model: {outcome.message}\n", NO_MODEL_NOTE)
+        run.trial.set_user_attr(FAIL_REASON_ATTR, outcome.message)
+        end_run(run, TrialState.FAIL, "FAILED", outcome.message)
+        tell(worker, run, TrialState.FAIL)
+    else:
+        raise TypeError(f"not a trial's outcome: {outcome!r}")
+
+
+def fail_trials(worker: Worker, runs: list[TrialRun], error: BaseException) -> None:
+    """Trials stopped by an interrupt (their runs KILLED, each FAIL and marked interrupted, so that its
+    place goes to a new trial) or by an error (runs FAILED): every run is ended first, then Optuna is
+    told until its storage fails (the next command fails the trials left RUNNING, ``dead_trials``)."""
+    if isinstance(error, KeyboardInterrupt):
+        status, reason = "KILLED", interrupt_reason(error)
+    else:
+        status = "FAILED"
+        reason = storage_problem(worker.cfg.storage, error) or f"{type(error).__name__}: {error}"
+    for run in runs:
+        end_run(run, TrialState.FAIL, status, reason)
+    for run in runs:
+        try:
+            if status == "KILLED":
+                run.trial.set_user_attr(INTERRUPTED_ATTR, reason)
+            tell(worker, run, TrialState.FAIL)
+        except Exception as e:
+            if fault_of(e) is None:
+                raise
+            return
+
+
+def train_alone(worker: Worker, run: TrialRun) -> None:
+    """Train one trial as the ``train`` command would, its run the active one; close it by its outcome."""
+    mlflow.start_run(run_id=run.run_id, nested=True)
+    try:
+        result, model_info = train(run.cfg, worker.splits, worker.tensors, progress=False,
+                                   on_epoch=lambda metrics: report_epoch(worker, run, metrics))
+    except (optuna.TrialPruned, DivergedError) as outcome:
+        close_trial(worker, run, outcome)
+    except BaseException as e:
+        fail_trials(worker, [run], e)
+        raise
+    else:
+        close_trial(worker, run, result, model_info)
+
+
+def wait_for_running_trials(worker: Worker, poll_seconds: float = 1.0) -> bool:
+    """Wait while the study's last trials run in other workers; False if there were none.
+
+    The study is full, but a running trial may still be interrupted or its worker die: then its
+    place is free again and this worker takes it, so that the study ends with the trials asked for.
+    Only trials whose death would be noticed are waited for (``watched_running_trials``).
+    """
+    waited = False
+    while running := watched_running_trials(worker.study, worker.storage):
+        if not waited:
+            print(f"tune: waiting for trial(s) {', '.join(map(str, running))} of other workers to finish")
+            waited = True
+        time.sleep(poll_seconds)
+        worker.interrupted()
+        recover_dead_trials(worker.study, worker.storage)
+    return waited
+
+
+def work_one_at_a_time(worker: Worker) -> None:
+    """Take trials one after the other until the study holds ``cfg.trials``, then wait for the trials
+    still running elsewhere (one may fail and free a place)."""
+    while True:
+        worker.interrupted()
+        recover_dead_trials(worker.study, worker.storage)
+        if is_full(worker):
+            if not wait_for_running_trials(worker):
+                return
+            continue  # they ended: count again, a place may be free
+        run = ask_trial(worker)
+        if run is not None:
+            train_alone(worker, run)

@@ -18,15 +18,41 @@ from multiprocessing import resource_tracker
 from pathlib import Path
 
 import mlflow
+import optuna
+import torch
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
+from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError, quiet_store_tracebacks, show_traceback_when_debugging
 from pipeline.runtime.signals import exit_status, interrupts_at_safe_points
-from pipeline.tuning.storage import storage_faults_named
-from pipeline.tuning.trials import work_on_study
+from pipeline.tuning.search import make_pruner
+from pipeline.tuning.stacked_trials import work_side_by_side
+from pipeline.tuning.storage import open_storage, storage_faults_named
+from pipeline.tuning.trials import Heartbeats, Worker, work_one_at_a_time
 
 POLL_SECONDS = 0.2  # how often the waiting parent looks for an interrupt
+
+
+def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlflow.entities.RunInfo) -> None:
+    """Take trials until the study holds ``cfg.trials``: K at a time as one stacked layer, or one at a time.
+
+    Any number of workers may do this at once, on this machine and others; trials still running
+    elsewhere hold their place, so that the workers together stop at the total.
+    """
+    # One thread per worker: a 784x10 matrix product gains nothing from more, and threads that
+    # spin-wait for each other run far slower when the cores are shared. Use --workers for more cores.
+    torch.set_num_threads(1)
+    storage = open_storage(cfg)
+    study = optuna.load_study(study_name=cfg.study_name, storage=storage, pruner=make_pruner(cfg.pruner, space))
+    # Ctrl-C and SIGTERM stop the trials only at safe points, between the stores' writes (why: signals.py)
+    with interrupts_at_safe_points() as interrupted, Heartbeats(storage, cfg.heartbeat_interval) as heartbeats:
+        worker = Worker(study, storage, cfg, space, splits, Tensors.from_splits(splits), parent, interrupted,
+                        heartbeats)
+        if cfg.side_by_side > 1:
+            work_side_by_side(worker)
+        else:
+            work_one_at_a_time(worker)
 
 
 def worker_process(cfg: TuneConfig, space: SearchSpace, data: Path, parent: mlflow.entities.RunInfo,
