@@ -13,7 +13,7 @@ EXPERIMENT_ARGS := $(if $(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--expe
 # MLproject commands call `python`: make it the one in .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test test-fast data ui server serve bench clean
+.PHONY: run test test-fast lint data ui server serve bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ run: data
 	$(PY) -m pipeline create-store
 	$(VENV)/bin/mlflow run . --env-manager local $(EXPERIMENT_ARGS) $(MLFLOW_ARGS)
 
-test: data
+test: data lint
 	$(PY) -m pytest -q -ra
+
+# Style and errors (ruff), the layers of the package (import-linter), declared dependencies (deptry)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline tests bench
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/deptry .
 
 test-fast: data
 	$(PY) -m pytest -q -m "not slow"

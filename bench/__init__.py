@@ -1,4 +1,4 @@
-"""Benchmarks of issue 6: is a many-trial Optuna study affordable on a 2-core laptop?
+"""Benchmarks: is a many-trial Optuna study affordable on a 2-core laptop?
 
 Run them all with ``make bench`` (or ``python -m bench``); ``python -m bench --help`` lists the
 options. They are not part of the test suite: timings on a shared machine are noisy, so every

@@ -23,7 +23,7 @@ BENCHMARKS = {
 @click.option("--results", type=click.Path(dir_okay=False), default=str(common.RESULTS_FILE), show_default=True,
               help="JSON file the results are merged into.")
 def main(only, quick, data_dir, results):
-    """Measure training speed, tuning throughput and memory (project issue 6)."""
+    """Measure training speed, tuning throughput and memory."""
     done = []
     for name in only or BENCHMARKS:
         click.echo(f"== {name} ==", err=True)

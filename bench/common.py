@@ -1,6 +1,6 @@
 """What every benchmark shares: medians, machine facts, the printed report and the results file.
 
-A benchmark returns a ``Result``: its measured figures (``metrics``), the issue's targets checked
+A benchmark returns a ``Result``: its measured figures (``metrics``), the project's targets checked
 against them, and a note saying what exactly was measured. ``report`` prints it twice, as one JSON
 line for scripts and as a table for people; ``save`` merges it into ``bench/results/latest.json``.
 """
@@ -11,7 +11,7 @@ import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -28,11 +28,11 @@ class Result:
     note: str = ""
     details: dict = field(default_factory=dict)  # anything else worth keeping, e.g. memory per process
     quick: bool = False  # a smoke run on a tiny slice: the figures mean nothing
-    measured_at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    measured_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
     machine: dict = field(default_factory=lambda: machine())
 
     def check(self, name: str, value: float, limit: float, at_least: bool, text: str) -> None:
-        """Record whether ``value`` meets a target of the issue (``at_least`` limit, or at most)."""
+        """Record whether ``value`` meets a target (``at_least`` limit, or at most)."""
         met = value >= limit if at_least else value <= limit
         self.targets[name] = {"target": text, "value": round(value, 4), "met": bool(met)}
 

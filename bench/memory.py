@@ -26,7 +26,7 @@ from pipeline.config import DataConfig
 from pipeline.core.splits import prepare_splits
 
 MB = 1024  # /proc reports kB
-MEMORY_TARGET_MB = 1.5 * 1000  # the 1.5 GB
+MEMORY_TARGET_MB = 1.5 * 1000  # the 1.5 GB target
 
 
 def descendants(root: int) -> list[int]:
@@ -139,5 +139,6 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
     }, details={"PSS of each process at the peak (MB)": sampled.at_peak},
         note=f"`{' '.join(command[:5])}` in a temporary sqlite MLflow store (and Optuna storage); "
              "process tree sampled every 0.1 s from /proc")
-    result.check("memory", sampled.peak_tree_pss_mb, MEMORY_TARGET_MB, False, "peak memory of the process tree < 1.5 GB")
+    result.check("memory", sampled.peak_tree_pss_mb, MEMORY_TARGET_MB, False,
+                 "peak memory of the process tree < 1.5 GB")
     return [result]

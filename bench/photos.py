@@ -37,7 +37,7 @@ from pipeline.errors import PipelineError
 
 GARMENTS = 250  # test images pasted on every background
 CONFIDENT = 0.9  # a wrong answer above this probability, not flagged unsure, is a confident mistake
-KEEP_OF_CLEAN = 0.7  # the target: every background at least 70% of the clean accuracy
+KEEP_OF_CLEAN = 0.7  # every background must keep at least 70% of the clean accuracy
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ This module imports neither torch, MLflow nor Optuna: the ``main`` process reads
 import math
 from dataclasses import MISSING, dataclass, field, fields
 
-from pipeline.errors import short_repr
+from pipeline.errors import HTTP_RETRIES, HTTP_TIMEOUT, short_repr
 
 CLASS_NAMES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -40,7 +40,7 @@ POSTGRES_CONNECT_ARGS = {
 # An MLflow tracking server that never answers: MLflow's own defaults (120 s per request, 7 retries with
 # growing pauses) wait about 20 minutes before failing; these wait about 2. A value set in the
 # environment is kept.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3"}
+MLFLOW_HTTP_DEFAULTS = {HTTP_TIMEOUT: "30", HTTP_RETRIES: "3"}
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: a larger setting overflows to inf

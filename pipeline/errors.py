@@ -97,13 +97,14 @@ DRIVER_FAULTS = {
 }
 
 
-def http_timeout() -> Fault:
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES as RETRIES
-    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_TIMEOUT as TIMEOUT
+HTTP_TIMEOUT, HTTP_RETRIES = "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES"  # MLflow's own
 
-    tries = RETRIES.get() + 1
-    return Fault(f"no answer within {TIMEOUT.get()} s" + (f", {tries} tries" if tries > 1 else ""),
-                 f"{SERVER_UP} ({TIMEOUT.name} and {RETRIES.name} set how long to wait)")
+
+def http_timeout() -> Fault:
+    """A tracking server that did not answer, with the waits in force (the CLI sets them unless the user did)."""
+    timeout, retries = os.environ.get(HTTP_TIMEOUT), os.environ.get(HTTP_RETRIES)
+    waited = f"within {timeout} s, {int(retries) + 1} tries" if timeout and retries else "within the timeout"
+    return Fault(f"no answer {waited}", f"{SERVER_UP} ({HTTP_TIMEOUT} and {HTTP_RETRIES} set how long to wait)")
 
 
 def causes(error: BaseException):

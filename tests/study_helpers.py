@@ -3,8 +3,8 @@
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import mlflow
 import optuna

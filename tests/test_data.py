@@ -26,7 +26,7 @@ def test_read_idx_matches_torchvision_on_real_file(real_data_dir):
     labels = read_idx(real_data_dir / "t10k-labels-idx1-ubyte.gz")
     # torchvision's own reader wants the uncompressed file
     import pathlib
-    import tempfile  # noqa: E401
+    import tempfile
     tmp = pathlib.Path(tempfile.mkdtemp())
     for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (tmp / name).write_bytes(gzip.decompress((real_data_dir / f"{name}.gz").read_bytes()))

@@ -61,7 +61,8 @@ def test_evaluate_on_test_logs_metrics_table_and_figures(trained, real_slice):
     with np.load(path) as saved:
         np.testing.assert_array_equal(saved["predicted"], expected_pred)
         np.testing.assert_array_equal(saved["labels"], splits.test_y)
-    assert client.get_run(run.info.run_id).data.tags["pipeline.test_digest"] == array_digest(splits.test_x, splits.test_y)
+    digest = client.get_run(run.info.run_id).data.tags["pipeline.test_digest"]
+    assert digest == array_digest(splits.test_x, splits.test_y)
 
 
 def test_evaluate_command_prints_the_interval(trained, real_slice):

@@ -28,7 +28,7 @@ def write(tmp_path, text: str):
 
 
 def test_the_required_experiment_files_exist():
-    assert REQUIRED <= {f.stem for f in FILES}
+    assert {f.stem for f in FILES} >= REQUIRED
 
 
 @pytest.mark.parametrize("path", FILES, ids=[f.stem for f in FILES])
@@ -92,7 +92,8 @@ BAD_FILES = [
     ("experiment: e\nentry_point: train\nparams:\n  epochs: 3\n  lrr: 0.1\n",
      r"line 5: unknown key 'lrr' in params \(did you mean 'lr'\? known: lr, epochs"),
     ("experiment: e\nentry_point: train\nepochs: 3\n", r"line 3: unknown key 'epochs' in the file"),
-    ("experiment: e\nentry_point: fit\n", r"line 2: unknown entry point 'fit' \(known: train, stability, tune, convex_optimum\)"),
+    ("experiment: e\nentry_point: fit\n",
+     r"line 2: unknown entry point 'fit' \(known: train, stability, tune, convex_optimum\)"),
     ("experiment: e\nentry_point: train\nparams: {lr: fast}\n", r"line 3: params.lr must be a number, got 'fast'"),
     ("experiment: e\nentry_point: train\nparams:\n  epochs: 2.5\n", r"line 4: params.epochs must be an integer"),
     ("experiment: e\nentry_point: train\nparams: {epochs: true}\n", r"line 3: params.epochs must be an integer"),
@@ -103,13 +104,15 @@ BAD_FILES = [
      r"line 4: lr set in both params and grid"),
     ("experiment: e\nentry_point: train\n\ngrid:\n  - {lr: [0.1]}\n  - {lr: [-1.0]}\n",
      r"line 6: invalid TrainConfig \(grid point lr=-1\): lr must be > 0"),
-    ("experiment: e\nentry_point: train\nparams:\n  epochs: 3\n  patience: -1\n", r"line 5: invalid TrainConfig: patience"),
+    ("experiment: e\nentry_point: train\nparams:\n  epochs: 3\n  patience: -1\n",
+     r"line 5: invalid TrainConfig: patience"),
     ("experiment: e\nentry_point: train\nstudy: {trials: 3}\n", r"line 3: 'study' is for entry point tune only"),
     ("experiment: e\nentry_point: tune\ngrid: {lr: [0.1]}\n", r"line 3: entry point tune takes a 'study'"),
     ("experiment: e\nentry_point: tune\n", r"line 1: entry point tune needs a 'study' section"),
     ("experiment: e\nentry_point: tune\nstudy:\n  trials: 3\n  lr_lo: 0.1\n", r"line 5: unknown key 'lr_lo' in study"),
     ("experiment: e\nentry_point: tune\nstudy: {sampler: bayes}\n", r"line 3: invalid TuneConfig: sampler must be"),
-    ("experiment: e\nentry_point: stability\nparams: {scales: 10}\n", r"line 3: params.scales must be a list of numbers"),
+    ("experiment: e\nentry_point: stability\nparams: {scales: 10}\n",
+     r"line 3: params.scales must be a list of numbers"),
     ("experiment: e\nentry_point: train\ndata: {val_size: 0}\n", r"line 3: invalid DataConfig: val_size"),
     ("entry_point: train\n", r"line 1: missing required key 'experiment'"),
     ("experiment: e\nentry_point: train\nexperiment: f\n", r"line 3: duplicate key 'experiment'"),

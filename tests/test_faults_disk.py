@@ -37,10 +37,9 @@ def tmpfs(path: Path, size: str, read_only: bool = False):
 def fill(disk: Path, leave_bytes: int = 0) -> None:
     """Write a filler file until the disk is full, then give ``leave_bytes`` back."""
     filler = disk / "filler"
-    with open(filler, "wb") as f:
-        with contextlib.suppress(OSError):
-            while True:
-                f.write(bytes(64 * 1024)) and f.flush()
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(bytes(64 * 1024)) and f.flush()
     if leave_bytes:
         os.truncate(filler, max(filler.stat().st_size - leave_bytes, 0))
 
@@ -96,11 +95,10 @@ def test_the_filler_really_fills_the_disk(tmp_path):
     # The oracle for the tests above: after fill() the disk takes not one more byte.
     with tmpfs(tmp_path / "disk", "1m") as disk:
         fill(disk)
-        with pytest.raises(OSError) as caught:
-            with open(disk / "more", "wb") as f:
-                f.write(bytes(4096))
-                f.flush()
-                os.fsync(f.fileno())
+        with pytest.raises(OSError) as caught, open(disk / "more", "wb") as f:
+            f.write(bytes(4096))
+            f.flush()
+            os.fsync(f.fileno())
         assert caught.value.errno == errno.ENOSPC
 
 

@@ -382,7 +382,8 @@ HOSTILE_SPLITS = {  # id: (change to good arrays, the error line's words)
                      "the test images are uint8 of shape (20, 27, 27); expected uint8 of shape (N, 28, 28)"),
     "float images": ({"train_x": np.zeros((20, 28, 28), np.float32)},
                      "the train images are float32 of shape (20, 28, 28); expected uint8"),
-    "float labels": ({"test_y": np.zeros(20, np.float64)}, "the test labels are float64 of shape (20,); expected int64"),
+    "float labels": ({"test_y": np.zeros(20, np.float64)},
+                     "the test labels are float64 of shape (20,); expected int64"),
     "a billion images": (None, "its arrays claim 784,000,031,840 bytes, the file has"),
 }
 

@@ -66,7 +66,8 @@ def test_main_chains_three_child_steps(scenario):
     evaluate = children[children["tags.mlflow.project.entryPoint"] == "evaluate"].iloc[0]
     for end in ("low", "high"):
         assert first[f"metrics.test_accuracy_ci_{end}"] == evaluate[f"metrics.test_accuracy_ci_{end}"]
-    assert first["metrics.test_accuracy_ci_low"] < first["metrics.test_accuracy"] < first["metrics.test_accuracy_ci_high"]
+    low, high = first["metrics.test_accuracy_ci_low"], first["metrics.test_accuracy_ci_high"]
+    assert low < first["metrics.test_accuracy"] < high
     assert first["tags.pipeline.step.train.reused"] == "False"
 
 

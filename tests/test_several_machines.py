@@ -39,7 +39,7 @@ def start_tracking_server(backend: str, artifacts, cwd, port: int) -> subprocess
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]
-    log = open(cwd / "server.log", "w")  # a file: a pipe nobody reads fills up and blocks the server
+    log = open(cwd / "server.log", "w")  # noqa: SIM115 (the server writes to it; a pipe nobody reads would fill up)
     server = subprocess.Popen(command, cwd=cwd, env=child_env(""), stdout=log, stderr=subprocess.STDOUT,
                               start_new_session=True)
     wait_for_url(f"http://127.0.0.1:{port}/health", server, (cwd / "server.log").read_text)
@@ -49,7 +49,7 @@ def start_tracking_server(backend: str, artifacts, cwd, port: int) -> subprocess
 def on_machine(machine, tracking_uri: str, *args: str) -> subprocess.Popen:
     """``python -m pipeline ARGS`` in its own folder, knowing only the tracking server's URL."""
     machine.mkdir(exist_ok=True)
-    log = open(machine / "output.log", "w")  # read by finish(): a pipe could fill up while it runs
+    log = open(machine / "output.log", "w")  # noqa: SIM115 (read by finish(); a pipe could fill up while it runs)
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=machine,
                                env=child_env(tracking_uri), stdout=log, stderr=subprocess.STDOUT)
     process.log = machine / "output.log"

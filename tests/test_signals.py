@@ -41,35 +41,32 @@ def test_ctrl_c_inside_a_write_is_raised_after_it():
 def test_a_held_signal_goes_to_the_handler_in_force():
     """Inside a side-by-side group the handler only notes the signal for the next safe point."""
     reached = []
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        with interrupts_at_safe_points() as interrupted:
-            with held_during_write():
-                os.kill(os.getpid(), signal.SIGTERM)
-            reached.append("after the write")  # that handler notes the signal, it does not raise
-            interrupted()  # the safe point raises it
-            reached.append("after the safe point")
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), interrupts_at_safe_points() as interrupted:
+        with held_during_write():
+            os.kill(os.getpid(), signal.SIGTERM)
+        reached.append("after the write")  # that handler notes the signal, it does not raise
+        interrupted()  # the safe point raises it
+        reached.append("after the safe point")
     assert reached == ["after the write"]
 
 
 def test_a_signal_noted_before_a_nested_block_began_stops_it_at_its_first_safe_point():
     """The tune command notes a signal while it loads its data; the trials' own block must still see it."""
     reached = []
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
-        with interrupts_at_safe_points():
-            os.kill(os.getpid(), signal.SIGTERM)  # noted by the outer block
-            with interrupts_at_safe_points() as interrupted:
-                interrupted()
-                reached.append("a first trial")
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), interrupts_at_safe_points():
+        os.kill(os.getpid(), signal.SIGTERM)  # noted by the outer block
+        with interrupts_at_safe_points() as interrupted:
+            interrupted()
+            reached.append("a first trial")
     assert reached == []
 
 
 def test_an_interrupt_ends_the_nested_run_and_its_parent_killed(mlflow_store):
     """As an experiment file's parent run and the grid point it trains: neither ends FAILED."""
-    with pytest.raises(KeyboardInterrupt):
-        with mlflow.start_run() as parent, runs_killed_at_safe_points():
-            with mlflow.start_run(nested=True) as child, runs_killed_at_safe_points() as interrupted:
-                os.kill(os.getpid(), signal.SIGINT)
-                interrupted()
+    with pytest.raises(KeyboardInterrupt), mlflow.start_run() as parent, runs_killed_at_safe_points():
+        with mlflow.start_run(nested=True) as child, runs_killed_at_safe_points() as interrupted:
+            os.kill(os.getpid(), signal.SIGINT)
+            interrupted()
     for run in (parent, child):
         ended = mlflow.get_run(run.info.run_id)
         assert (ended.info.status, ended.data.tags[FAILURE_TAG]) == ("KILLED", "interrupted (SIGINT)")

@@ -30,7 +30,7 @@ def test_wilson_matches_scipy(k, n):
     assert wilson_interval(k, n) == pytest.approx((ci.low, ci.high), abs=1e-12)
 
 
-def test_the_issues_rule_of_thumb_holds_at_ten_thousand_images():
+def test_the_interval_is_about_0_7_points_at_ten_thousand_images():
     low, high = wilson_interval(8400, 10_000)
     assert 0.006 < (high - low) / 2 < 0.008  # "about +-0.7 points"
 

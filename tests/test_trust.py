@@ -1,4 +1,4 @@
-"""Results a researcher can trust (issue 10, points 1-3), on real sqlite MLflow stores and real Optuna storages:
+"""Results a researcher can trust, on real sqlite MLflow stores and real Optuna storages:
 
 1. every setting of ``main`` acts or is refused, and ``main`` records the settings of the model it delivers;
 2. validation accuracies are compared only on the same validation split (registry, resumed studies);
@@ -47,7 +47,7 @@ def val_digest(splits) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_split(real_data_dir, tmp_path_factory):
-    """Another split of the real data: 5 images per split (the issue's "validated on 5 images")."""
+    """Another split of the real data: 5 images per split (too few to judge by)."""
     cfg = DataConfig(data_dir=str(real_data_dir), val_size=10_000, limit=5)
     splits, path, _ = prepare_splits(cfg, cache_root=tmp_path_factory.mktemp("tiny"))
     return splits, path
@@ -92,7 +92,7 @@ def test_champion_is_compared_only_on_the_same_validation_split(real_slice, tiny
     first = register(big, 0.67, big_digest)  # validated on 2,000 images
     assert first["promoted"] and holder(CHAMPION) == 1
 
-    # The issue's case: 0.80 on 5 images must not take the alias from 0.67 on 2,000
+    # 0.80 on 5 images must not take the alias from 0.67 on 2,000
     tiny = register(small, 0.80, small_digest)
     assert not tiny["promoted"] and holder(CHAMPION) == 1
     assert "chosen on another validation split" in tiny["reason"] and small_digest in tiny["reason"]

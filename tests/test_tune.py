@@ -95,7 +95,8 @@ def test_unreachable_database_is_a_clear_error():
     assert "secret" not in e.value.message
 
 
-@pytest.mark.parametrize("url, path", [("journal:///study.log", "study.log"), ("runs/study.journal", "runs/study.journal")])
+@pytest.mark.parametrize("url, path", [("journal:///study.log", "study.log"),
+                                       ("runs/study.journal", "runs/study.journal")])
 def test_journal_file_storage_urls(url, path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()

@@ -171,7 +171,7 @@ def intermediate_values(curves: dict[int, dict[int, float]]) -> Figure:
     """Every trial's per-epoch val accuracy, as the pruner saw it."""
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for number, curve in curves.items():
+    for curve in curves.values():
         ax.plot(list(curve), list(curve.values()), alpha=0.7, linewidth=1)
     ax.set(xlabel="epoch", ylabel="val accuracy", title="intermediate values (one line per trial)")
     ax.grid(True, alpha=0.3)

@@ -7,8 +7,8 @@ batch in worker processes, which costs far more than the 784x10 matrix product i
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

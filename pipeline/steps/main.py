@@ -171,7 +171,8 @@ def reuse_or_launch(entry_point: str, params: dict, force: bool, experiment_id: 
             raise
         run_id = submitted.run_id
         MlflowClient().set_tag(run_id, CODE_VERSION_TAG, version)
-    mlflow.set_tags({STEP_TAG.format(entry_point): run_id, STEP_TAG.format(entry_point) + ".reused": reused is not None})
+    step = STEP_TAG.format(entry_point)
+    mlflow.set_tags({step: run_id, step + ".reused": reused is not None})
     return MlflowClient().get_run(run_id)
 
 

@@ -95,8 +95,8 @@ class Heartbeats:
 
     def beat(self) -> None:
         while not self.stopped.wait(self.interval):
-            for trial_id in list(self.trial_ids):
-                self.storage.record_heartbeat(trial_id)
+            for number in list(self.trial_ids):
+                self.storage.record_heartbeat(number)
 
 
 @dataclass
