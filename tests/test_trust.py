@@ -263,6 +263,6 @@ def test_main_with_a_study_shows_the_delivered_settings_not_its_own(main_runs):
     for key in ("lr", "epochs", "weight_decay", "patience", "batch_size", "seed"):
         assert params[f"delivered_{key}"] == best.data.params[key]
     assert main.data.metrics["best_epoch"] == best.data.metrics["best_epoch"]
-    assert main.data.metrics["val_accuracy"] == best.data.metrics["best_val_accuracy"]
+    assert main.data.metrics["best_val_accuracy"] == best.data.metrics["best_val_accuracy"]
     champion = MlflowClient().get_model_version_by_alias(MODEL_NAME, CHAMPION)
     assert champion.tags[VERSION_VAL_DIGEST_TAG] == best.data.tags[VAL_DIGEST_TAG]

@@ -17,7 +17,7 @@ from pipeline.config import CLASS_NAMES, NUM_CLASSES
 CURVE_STYLES = {"train": "-", "val": "--", "test": ":"}
 
 
-def finish(fig: Figure, title: str = "") -> Figure:
+def titled(fig: Figure, title: str = "") -> Figure:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -40,7 +40,7 @@ def training_curves(history: list[dict], title: str = "") -> Figure:
         ax.set(xlabel="epoch", ylabel=quantity)
         ax.grid(True, alpha=0.3)
         ax.legend()
-    return finish(fig, title)
+    return titled(fig, title)
 
 
 # --- Data (steps/prepare.py) and evaluation (tracking/evaluation.py) ------------------------------------
@@ -58,7 +58,7 @@ def samples_per_class(images: np.ndarray, labels: np.ndarray, per_class: int = 8
     ax.set_yticks([30 * i + 15 for i in range(NUM_CLASSES)], CLASS_NAMES)
     ax.set_xticks([])
     ax.set_title("samples per class")
-    return finish(fig)
+    return titled(fig)
 
 
 def confusion_figure(cm: np.ndarray) -> Figure:
@@ -72,7 +72,7 @@ def confusion_figure(cm: np.ndarray) -> Figure:
         ax.set_xticks(range(NUM_CLASSES), CLASS_NAMES, rotation=45, ha="right")
         ax.set_yticks(range(NUM_CLASSES), CLASS_NAMES)
         ax.set(xlabel="predicted", ylabel="true", title=f"confusion matrix ({title})")
-    return finish(fig)
+    return titled(fig)
 
 
 def confident_mistakes(images, y_true, probs: np.ndarray, count: int = 16) -> Figure:
@@ -87,7 +87,7 @@ def confident_mistakes(images, y_true, probs: np.ndarray, count: int = 16) -> Fi
     for ax, i in zip(axes.flat, worst):
         ax.imshow(images[i], cmap="gray_r")
         ax.set_title(f"{CLASS_NAMES[y_true[i]]}\n-> {CLASS_NAMES[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})", fontsize=7)
-    return finish(fig, "most confident mistakes (true -> predicted)")
+    return titled(fig, "most confident mistakes (true -> predicted)")
 
 
 # --- The stability experiment (steps/stability.py) -------------------------------------------------
@@ -112,7 +112,7 @@ def loss_vs_scale(sweep: pd.DataFrame) -> Figure:
            title="cross-entropy of scaled logits (float32)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    return finish(fig)
+    return titled(fig)
 
 
 def training_loss(race: pd.DataFrame, lr: float, first_nan: int | None) -> Figure:
@@ -125,7 +125,7 @@ def training_loss(race: pd.DataFrame, lr: float, first_nan: int | None) -> Figur
     ax.set(yscale="log", xlabel="SGD step", ylabel="training loss (batch)", title=f"training with lr {lr:g}")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    return finish(fig)
+    return titled(fig)
 
 
 # --- Reports (steps/report.py) ---------------------------------------------------------------------
@@ -149,7 +149,7 @@ def accuracy_curves(names: list[str], run_curves: list[dict], title: str) -> Fig
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     else:
         ax.text(0.5, 0.5, "no run logged accuracy curves", ha="center", va="center", transform=ax.transAxes)
-    return finish(fig)
+    return titled(fig)
 
 
 # --- Optuna studies (steps/tune.py) ----------------------------------------------------------------
@@ -164,7 +164,7 @@ def optimization_history(trials: pd.DataFrame) -> Figure:
     ax.set(xlabel="trial", ylabel="best val accuracy", title="optimization history")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    return finish(fig)
+    return titled(fig)
 
 
 def intermediate_values(curves: dict[int, dict[int, float]]) -> Figure:
@@ -175,7 +175,7 @@ def intermediate_values(curves: dict[int, dict[int, float]]) -> Figure:
         ax.plot(list(curve), list(curve.values()), alpha=0.7, linewidth=1)
     ax.set(xlabel="epoch", ylabel="val accuracy", title="intermediate values (one line per trial)")
     ax.grid(True, alpha=0.3)
-    return finish(fig)
+    return titled(fig)
 
 
 def param_slices(trials: pd.DataFrame, params: list[str], log_scale: set[str]) -> Figure:
@@ -185,7 +185,7 @@ def param_slices(trials: pd.DataFrame, params: list[str], log_scale: set[str]) -
         ax.scatter(trials[name], trials["value"], c=trials["number"], cmap="Blues", edgecolors="grey")
         ax.set(xlabel=name, ylabel="best val accuracy", xscale="log" if name in log_scale else "linear")
         ax.grid(True, alpha=0.3)
-    return finish(fig, "objective by parameter (darker: later trials)")
+    return titled(fig, "objective by parameter (darker: later trials)")
 
 
 def parallel_coordinate(trials: pd.DataFrame, params: list[str], log_scale: set[str]) -> Figure:
@@ -199,7 +199,7 @@ def parallel_coordinate(trials: pd.DataFrame, params: list[str], log_scale: set[
         ax.plot(params, row, color=c, alpha=0.8)
     ax.set(ylabel="position in the searched range (log for lr, weight_decay)",
            title="parallel coordinates (yellow: best val accuracy)")
-    return finish(fig)
+    return titled(fig)
 
 
 def param_importances(importances: dict[str, float]) -> Figure:
@@ -208,4 +208,4 @@ def param_importances(importances: dict[str, float]) -> Figure:
     names = list(importances)[::-1]
     ax.barh(names, [importances[n] for n in names])
     ax.set(xlabel="importance (fANOVA)", title="hyperparameter importances")
-    return finish(fig)
+    return titled(fig)

@@ -139,7 +139,7 @@ def epoch_metrics(w, b, members, data: Tensors, train_loss, train_acc) -> list[d
     return out
 
 
-def finish(member: Member) -> FitResult:
+def final_result(member: Member) -> FitResult:
     """The member's FitResult, its model (``build_model``'s nn.Sequential) holding the best epoch's weights."""
     model = build_model(member.cfg.seed)
     model.load_state_dict(member.best_state)
@@ -163,9 +163,9 @@ def advance(member: Member, metrics: dict, w_k, b_k, on_epoch: OnEpoch | None) -
             return e
     if cfg.patience and epoch - result.best_epoch >= cfg.patience:
         result.stopped_early = epoch < cfg.epochs
-        return finish(member)
+        return final_result(member)
     if epoch == cfg.epochs:
-        return finish(member)
+        return final_result(member)
     return None
 
 

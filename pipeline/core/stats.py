@@ -32,15 +32,18 @@ def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, center - half), min(1.0, center + half)
 
 
+TEST_METRICS = ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high")  # as the steps log them
+
+
 def accuracy_with_interval(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
-    """Accuracy and its 95% Wilson interval, as the metrics the steps log."""
+    """Accuracy and its 95% Wilson interval, as the metrics ``TEST_METRICS``."""
     correct, total = int(np.sum(y_true == y_pred)), len(y_true)
-    low, high = wilson_interval(correct, total)
-    return {"test_accuracy": correct / total, "test_accuracy_ci_low": low, "test_accuracy_ci_high": high}
+    return dict(zip(TEST_METRICS, (correct / total, *wilson_interval(correct, total))))
 
 
-def format_interval(accuracy: float, low: float, high: float) -> str:
-    """``0.8418 (95% CI 0.8345-0.8489)``."""
+def format_interval(metrics: dict) -> str:
+    """A test accuracy and its interval from the metrics ``TEST_METRICS``: ``0.8418 (95% CI 0.8345-0.8489)``."""
+    accuracy, low, high = (metrics[name] for name in TEST_METRICS)
     return f"{accuracy:.4f} (95% CI {low:.4f}-{high:.4f})"
 
 

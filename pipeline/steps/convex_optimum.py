@@ -89,7 +89,7 @@ def run_convex_optimum(cfg: ConvexConfig, splits: Splits, tensors: Tensors | Non
                "optimum_test_accuracy": test["test_accuracy"],
                "optimum_converged": float(table.loc[chosen, "converged"])}
     lines = [f"optimum: weight decay {summary['optimum_weight_decay']:g}, val {summary['optimum_val_accuracy']:.4f}, "
-             f"test {format_interval(test['test_accuracy'], test['test_accuracy_ci_low'], test['test_accuracy_ci_high'])}"
+             f"test {format_interval(test)}"
              f" (gradient norm {table.loc[chosen, 'gradient_norm']:.1e} after {table.loc[chosen, 'iterations']} "
              "L-BFGS iterations)"]
     if best_trial is not None:
@@ -126,7 +126,7 @@ def compare_with_study(cfg: ConvexConfig, trial, splits: Splits, summary: dict,
                "the tuned model is better than the optimum" if paired.significant else
                "no significant difference: the model class is the limit")
     line = (f"study '{cfg.study_name}' best trial {trial.number} ({trial_settings(trial)}): "
-            f"val {val_accuracy:.4f}, test {format_interval(test['test_accuracy'], test['test_accuracy_ci_low'], test['test_accuracy_ci_high'])}; "
+            f"val {val_accuracy:.4f}, test {format_interval(test)}; "
             f"optimum - study: val {comparison['val_gap']:+.4f}, test {comparison['test_gap']:+.4f} (McNemar: "
             f"{paired.only_a} test images only the optimum gets right, {paired.only_b} only the trial, "
             f"p={paired.p_value:.2g}): {verdict}")

@@ -23,8 +23,7 @@ def evaluate_command(model_uri, data):
     with mlflow.start_run(run_name="evaluate"), runs_killed_at_once():
         log_new_params({"model_uri": model_uri, "data": data})
         result = evaluate_on_test(model_uri, load_data(data), model)
-    accuracy = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"],
-                               result["test_accuracy_ci_high"])
+    accuracy = format_interval(result)
     click.echo(f"test accuracy {accuracy} on {len(result['predictions'])} images, "
                f"test loss {result['test_loss']:.4f}")
     click.echo(result["per_class"].to_string(index=False, float_format="%.3f"))

@@ -29,7 +29,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
 
 from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
-from pipeline.core.stats import format_interval
+from pipeline.core.stats import TEST_METRICS, format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import (
     BEST_MODEL_TAG,
@@ -220,10 +220,9 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
                           cfg.force)
     val_accuracy = model_run.data.metrics["best_val_accuracy"]
     delivered = record_delivered(model_run)  # delivered_lr, ...: what trained the model, in both modes
-    headline = {"val_accuracy": val_accuracy, "test_accuracy": evaluation.data.metrics["test_accuracy"],
-                "best_epoch": delivered["best_epoch"]}
-    # the test accuracy's 95% interval (an evaluate run reused from before intervals were logged has none)
-    headline.update({k: v for k, v in evaluation.data.metrics.items() if k.startswith("test_accuracy_ci_")})
+    # the names a trial and a train run use: best_* is the kept (best validation) epoch's
+    headline = {"best_val_accuracy": val_accuracy, "best_epoch": delivered["best_epoch"],
+                **{k: evaluation.data.metrics[k] for k in TEST_METRICS}}
     mlflow.log_metrics(headline)
     mlflow.set_tag(MODEL_URI_TAG, model_uri)
     # one registration at a time: two mains that reach here together would both register (or both set
@@ -262,7 +261,5 @@ def main_command(**options):
     # and main's run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
     with mlflow.start_run(run_name="main"), runs_killed_at_once():
         result = run_main(data, train, cfg)
-    test = format_interval(result["test_accuracy"], result["test_accuracy_ci_low"], result["test_accuracy_ci_high"]) \
-        if "test_accuracy_ci_low" in result else f"{result['test_accuracy']:.4f}"
-    click.echo(f"val accuracy {result['val_accuracy']:.4f}, test accuracy {test}; "
+    click.echo(f"best val accuracy {result['best_val_accuracy']:.4f}, test accuracy {format_interval(result)}; "
                f"model {result['model_uri']}; registry: {result['registry']['reason']}")

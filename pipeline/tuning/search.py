@@ -40,10 +40,9 @@ def suggest_params(trial: optuna.Trial, space: SearchSpace) -> dict:
 
 
 def training_params(params: dict) -> dict:
-    """What a finished trial trained with, from its Optuna parameters (older studies drew weight_decay
-    in every trial, also when ``use_weight_decay`` was False and training used 0)."""
-    return {"lr": params["lr"], "epochs": params["epochs"],
-            "weight_decay": params["weight_decay"] if params["use_weight_decay"] else 0.0}
+    """What a finished trial trained with, from its Optuna parameters (``weight_decay`` is drawn only by
+    the trials that use it)."""
+    return {"lr": params["lr"], "epochs": params["epochs"], "weight_decay": params.get("weight_decay", 0.0)}
 
 
 def sampler_for(cfg: TuneConfig, key: str) -> optuna.samplers.BaseSampler:
