@@ -52,7 +52,7 @@ ui: $(STAMP)
 	$(VENV)/bin/mlflow ui --port 5000
 
 # A tracking server for this machine: runs in ./mlflow.db, artifacts kept in ./mlartifacts and served
-# over HTTP, so commands need only MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (README: several machines).
+# over HTTP, so commands need only MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (docs/several-machines.md).
 # HOST=0.0.0.0 opens it to other machines; BACKEND_STORE=postgresql://... for a database server.
 HOST ?= 127.0.0.1
 PORT ?= 5000

@@ -2,7 +2,7 @@
 
 Two parts:
 
-1. Cost of an epoch per trial for K models stacked (``pipeline.core.stacked.fit_side_by_side``)
+1. Cost of an epoch per trial for K models stacked (``pipeline.core.stacked.fit_stacked``)
    against one model alone (``pipeline.core.training.fit``): what the default K is chosen from.
 2. The same 100-trial study (default search space, sampler and pruner) run with ``--side-by-side 1``
    and ``--side-by-side K``, for 3 sampler seeds: wall time, trials per minute, and the best validation
@@ -23,11 +23,11 @@ from bench.common import Result, subprocess_env
 from pipeline.config import DataConfig, SearchSpace, TrainConfig
 from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
-from pipeline.core.stacked import fit_side_by_side
+from pipeline.core.stacked import fit_stacked
 from pipeline.core.training import Tensors, fit
 
 SPACE = SearchSpace()
-# K under test: where part 1's cost per trial-epoch stops falling fast (README, Benchmarks); the study
+# K under test: where part 1's cost per trial-epoch stops falling fast (docs/benchmarks.md); the study
 # would gain little from a larger K and lose feedback: K trials in flight are sampled and pruned without
 # each other's results
 STUDY = {"trials": 100, "seeds": (0, 1, 2), "k": 8, "limit": 0,
@@ -46,7 +46,7 @@ def epoch_cost_per_trial(tensors: Tensors, epochs: int) -> dict:
     costs = {"alone": (time.perf_counter() - start) / epochs}
     for k in STACK_SIZES:
         start = time.perf_counter()
-        fit_side_by_side([cfg] * k, tensors)
+        fit_stacked([cfg] * k, tensors)
         costs[k] = (time.perf_counter() - start) / epochs / k
     return costs
 
@@ -87,7 +87,7 @@ def compare(study: dict, data_dir: str | None, quick: bool) -> list[Result]:
     epoch_cost = Result("side_by_side_epoch", quick=quick, metrics={
         "alone_epoch_s": costs["alone"], **{f"k{k}_epoch_s_per_trial": v for k, v in stacked.items()},
         "fastest_k": best_k, "fastest_over_alone_x": costs["alone"] / stacked[best_k]},
-        note=f"one epoch of {len(splits.train_y):,} images, per trial: fit alone, then fit_side_by_side with K "
+        note=f"one epoch of {len(splits.train_y):,} images, per trial: fit alone, then fit_stacked with K "
              "copies of the seed recipe; median-free single runs")
 
     metrics = {"trials": study["trials"], "seeds": len(study["seeds"]), "k": study["k"]}

@@ -193,7 +193,7 @@ def profile_training_pass(tensors: Tensors, cfg: TrainConfig, top: int = 10) -> 
     """Where one training pass goes (torch.profiler): the largest ops' shares of its self CPU time, in %.
 
     Per batch the pass is some twenty small ops; this says which of them cost, so that the 20x and
-    1.5x-floor targets are weighed against what is left (README, Benchmarks).
+    1.5x-floor targets are weighed against what is left (docs/benchmarks.md).
     """
     from torch.profiler import ProfilerActivity, profile
 

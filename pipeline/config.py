@@ -177,14 +177,13 @@ class TuneConfig:
     pruner: str = setting("median", "Stops unpromising trials early, from their per-epoch val accuracy.",
                           choices=PRUNERS)
     seed: int = setting(0, "Seeds the sampler and every trial's training.")
-    # Longer than training's 5: SGD's val accuracy is noisy, and with 5 the good trials stopped near
-    # epoch 20 while val accuracy still climbed until about epoch 70.
+    # Longer than training's 5: SGD's val accuracy is noisy, and a short patience stops good trials while
+    # their val accuracy is still climbing (docs/tuning.md)
     patience: int = setting(15, "Early stopping inside each trial; 0 = never.", minimum=0,
                             why="0 disables early stopping")
     batch_size: int = setting(256, "Images per SGD step in every trial.", minimum=1)
-    # 8 by default: a 100-trial study on the full data ran 2.6x the trials per minute of one at a time,
-    # with the same best val accuracy over 3 sampler seeds (README "Benchmarks", `python -m bench --only
-    # side_by_side`); a larger K costs little less per epoch but leaves more trials sampled and pruned blind
+    # Stacked trials cost little more per epoch than one, so a study runs more trials per minute; a larger
+    # K leaves more trials sampled and pruned before the first ones finish (docs/benchmarks.md measures both)
     side_by_side: int = setting(8, "Trials trained at once in each worker, as one stacked layer on the same "
                                    "batches (each as it would train alone); 1 = one at a time.", minimum=1)
     test_best: bool = setting(True, "Test the best trial's model and register it.")

@@ -35,7 +35,7 @@ def create_database(url: str, name: str) -> str:
 
 
 def start_tracking_server(backend: str, artifacts, cwd, port: int) -> subprocess.Popen:
-    """The README's command (see "Running on several machines"), with one worker process."""
+    """The command of docs/several-machines.md, with one worker process."""
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend, "--serve-artifacts",
                "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1"]

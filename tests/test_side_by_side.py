@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig
 from pipeline.core.models import build_model
-from pipeline.core.stacked import fit_side_by_side
+from pipeline.core.stacked import fit_stacked
 from pipeline.core.training import DivergedError, Tensors, fit
 from pipeline.names import (
     FAIL_REASON_ATTR,
@@ -66,7 +66,7 @@ def assert_same_training(side_by_side, alone) -> None:
 
 def test_each_model_trains_as_it_would_alone(tensors):
     ends = []
-    outcomes = fit_side_by_side(CONFIGS, tensors, on_end=lambda i, outcome: ends.append((i, len(outcome.history))))
+    outcomes = fit_stacked(CONFIGS, tensors, on_end=lambda i, outcome: ends.append((i, len(outcome.history))))
     for cfg, outcome in zip(CONFIGS, outcomes):
         assert_same_training(outcome, fit(build_model(cfg.seed), tensors, cfg))
     # the 2-epoch model finished (and was handed over) while the others still trained
@@ -85,7 +85,7 @@ def test_a_stopped_model_drops_out_and_the_others_go_on(tensors):
 
     patient = TrainConfig(lr=0.5, epochs=6, patience=1)  # stops at the first epoch without a better val accuracy
     cfgs = [CONFIGS[0], CONFIGS[1], patient]
-    outcomes = fit_side_by_side(cfgs, tensors, on_epoch=prune_the_first_at_epoch_2)
+    outcomes = fit_stacked(cfgs, tensors, on_epoch=prune_the_first_at_epoch_2)
     assert isinstance(outcomes[0], Pruned)
     assert_same_training(outcomes[1], fit(build_model(0), tensors, cfgs[1]))
     alone = fit(build_model(0), tensors, patient)
@@ -95,7 +95,7 @@ def test_a_stopped_model_drops_out_and_the_others_go_on(tensors):
 
 def test_a_diverging_model_fails_alone(tensors):
     huge = TrainConfig(lr=1e38, epochs=3, patience=0)  # the loss becomes NaN in the first epoch
-    outcomes = fit_side_by_side([CONFIGS[0], huge, CONFIGS[1]], tensors)
+    outcomes = fit_stacked([CONFIGS[0], huge, CONFIGS[1]], tensors)
     with pytest.raises(DivergedError, match="training diverged at epoch 1"):
         fit(build_model(0), tensors, huge)
     assert isinstance(outcomes[1], DivergedError) and outcomes[1].epoch == 1
@@ -115,7 +115,7 @@ def test_a_newcomer_takes_a_finished_models_place_and_trains_as_it_would_alone(t
         return TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, shuffle_offset=epochs_drawn)
 
     ends = []
-    outcomes = fit_side_by_side(CONFIGS, tensors, on_end=lambda i, outcome: ends.append(i), refill=refill)
+    outcomes = fit_stacked(CONFIGS, tensors, on_end=lambda i, outcome: ends.append(i), refill=refill)
     assert ends == [2, 0, 1, 3] and joined_at[0] == 2  # it joined after the 2-epoch model ended, at epoch 3
     assert len(outcomes) == 4
     for cfg, outcome in zip(CONFIGS, outcomes):
@@ -129,7 +129,7 @@ def test_a_newcomer_takes_a_finished_models_place_and_trains_as_it_would_alone(t
 
 def test_a_newcomer_that_does_not_record_where_it_joins_is_refused(tensors):
     with pytest.raises(ValueError, match="must have shuffle_offset 2, got 0"):
-        fit_side_by_side(CONFIGS, tensors, refill=lambda epochs_drawn: TrainConfig(epochs=1))
+        fit_stacked(CONFIGS, tensors, refill=lambda epochs_drawn: TrainConfig(epochs=1))
 
 
 @pytest.mark.parametrize("other, message", [(TrainConfig(batch_size=64), "one batch size and one seed"),
@@ -137,7 +137,7 @@ def test_a_newcomer_that_does_not_record_where_it_joins_is_refused(tensors):
                                             (TrainConfig(augment=True), "neither input_dropout nor augment")])
 def test_models_that_cannot_share_batches_are_refused(other, message):
     with pytest.raises(ValueError, match=message):
-        fit_side_by_side([TrainConfig(), other], data=None)
+        fit_stacked([TrainConfig(), other], data=None)
 
 
 # ---------------------------------------------------------------------------------------------------

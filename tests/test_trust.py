@@ -252,7 +252,7 @@ def test_main_with_a_study_shows_the_delivered_settings_not_its_own(main_runs):
     study_name = params["study_name"]
     assert tags[STUDY_TAG] == study_name and study_name.startswith("main-")
 
-    # the README's filter finds the trials of the study main started
+    # the filter docs/tuning.md gives finds the trials of the study main started
     trials = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                 filter_string=f"tags.pipeline.study_name = '{study_name}' "
                                               "and tags.pipeline.trial_state = 'COMPLETE'")

@@ -48,7 +48,7 @@ def training_curves(history: list[dict], title: str = "") -> Figure:
 
 def samples_per_class(images: np.ndarray, labels: np.ndarray, per_class: int = 8) -> Figure:
     """The first ``per_class`` images of each class, one row per class."""
-    from torchvision.utils import make_grid  # here: torchvision costs ~160 MB in every process that imports us
+    from torchvision.utils import make_grid  # here: torchvision is heavy, and only this figure needs it
 
     rows = [images[np.flatnonzero(labels == c)[:per_class]] for c in range(NUM_CLASSES)]
     grid = make_grid(torch.from_numpy(np.concatenate(rows)).unsqueeze(1), nrow=per_class, padding=2, pad_value=255)

@@ -4,7 +4,7 @@ Two measurements on real Fashion-MNIST images, in float32 like the model itself:
 
 1. **Scaled logits.** A briefly trained model's logits for a few hundred validation images are
    multiplied by growing factors (a more confident model has larger logits). At each scale both losses
-   from ``pipeline.losses`` are computed, and for the naive one we count how it fails, image by image:
+   from ``pipeline.core.losses`` are computed, and for the naive one we count how it fails, image by image:
    ``exp(o)`` overflows to inf once a logit passes ~88.7 (float32's limit), and inf / inf = NaN; or the
    true class's probability underflows to 0 when its logit lies ~104 below the largest, and log 0 = -inf.
 2. **Training with a large learning rate.** Two copies of the same freshly initialised model take SGD
@@ -64,7 +64,7 @@ def trained_logits(tensors: Tensors, cfg: StabilityConfig) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------
-# 2. Training side by side
+# 2. Training with each loss, on the same batches
 
 
 def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
@@ -78,7 +78,7 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
             yield idx
 
 
-def train_side_by_side(x: torch.Tensor, y: torch.Tensor, cfg: StabilityConfig) -> pd.DataFrame:
+def train_naive_and_stable(x: torch.Tensor, y: torch.Tensor, cfg: StabilityConfig) -> pd.DataFrame:
     """Train one model per loss from the same start on the same batches; the loss of each at each step."""
     models = {name: build_model(cfg.seed) for name in LOSSES}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=cfg.lr) for name, m in models.items()}

@@ -93,8 +93,8 @@ def losses_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Each model's mean cross-entropy over the same images, (K,): the loss it would have alone."""
     n, k, _ = logits.shape
     # Classes in the second dimension, (N, 10, K), the layout cross_entropy takes for per-position
-    # targets: torch's log-softmax over a last dimension of only 10 is slow (~14 ns per element), and
-    # this layout makes a stacked epoch ~16% faster at K=8, with bit-identical losses (README, Benchmarks).
+    # targets: torch's log-softmax over a last dimension of only 10 is slow, and this layout gives
+    # bit-identical losses faster (docs/benchmarks.md).
     return F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(n, k), reduction="none").mean(0)
 
 
@@ -169,7 +169,7 @@ def advance(member: Member, metrics: dict, w_k, b_k, on_epoch: OnEpoch | None) -
     return None
 
 
-def fit_side_by_side(cfgs: list[TrainConfig], data: Tensors, on_epoch: OnEpoch | None = None,
+def fit_stacked(cfgs: list[TrainConfig], data: Tensors, on_epoch: OnEpoch | None = None,
                      on_end: OnEnd | None = None, refill: Callable[[int], TrainConfig | None] | None = None,
                      ) -> list[FitResult | Exception]:
     """Train one model per config side by side; each model's outcome, in the order they joined.

@@ -42,9 +42,8 @@ class Tensors:
 
     Validation and test images are model-ready float32 pixels in [0, 1]: each is scored whole, every
     epoch. The training images stay uint8 and become pixels a batch at a time (``pixels``), exactly as
-    they would whole: no float copy of the split (157 MB; the uint8 tensor shares the prepared array),
-    and each batch's gather from random rows reads a quarter of the bytes (the training pass ~9% faster;
-    README, Benchmarks).
+    they would whole: no float copy of the split (the uint8 tensor shares the prepared array), and each
+    batch's gather from random rows reads a quarter of the bytes (docs/benchmarks.md).
     """
 
     train: tuple[torch.Tensor, torch.Tensor]  # uint8 images
@@ -86,7 +85,7 @@ def score(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, fl
 
 
 def batch_augmentation():
-    # imported here: torchvision adds ~160 MB to every training process, and only augmentation needs it
+    # imported here: torchvision adds to the memory of every process that imports it, and only augmentation needs it
     from torchvision.transforms import v2
 
     # Light, label-preserving changes; v2 transforms draw one set of parameters per call, so a whole
@@ -113,7 +112,7 @@ def train_epoch(model, x, y, optimizer, cfg: TrainConfig, generator, augment=Non
     total_loss = torch.zeros(())
     correct = torch.zeros((), dtype=torch.long)
     for idx in torch.randperm(len(x), generator=generator).split(cfg.batch_size):
-        xb, yb = pixels(x.index_select(0, idx)), y.index_select(0, idx)  # index_select = x[idx], ~2x as fast
+        xb, yb = pixels(x.index_select(0, idx)), y.index_select(0, idx)  # index_select = x[idx], faster
         if augment is not None:
             xb = augment(xb)
         if cfg.input_dropout:

@@ -12,7 +12,7 @@ import mlflow
 from pipeline.config import StabilityConfig
 from pipeline.core import figures
 from pipeline.core.splits import Splits
-from pipeline.core.stability import scale_sweep, summarize, train_side_by_side, trained_logits
+from pipeline.core.stability import scale_sweep, summarize, train_naive_and_stable, trained_logits
 from pipeline.core.training import Tensors
 from pipeline.names import STABILITY_TABLES
 from pipeline.tracking.runs import log_new_params, log_series
@@ -25,7 +25,7 @@ def run_stability(cfg: StabilityConfig, splits: Splits, tensors: Tensors | None 
     log_new_params({**asdict(cfg), "scales": ",".join(f"{s:g}" for s in cfg.scales)})
     labels = tensors.val[1][: cfg.images]
     sweep = scale_sweep(trained_logits(tensors, cfg), labels, cfg.scales)
-    race = train_side_by_side(*tensors.train_pixels(), cfg)
+    race = train_naive_and_stable(*tensors.train_pixels(), cfg)
     summary = summarize(sweep, race)
 
     # MLflow steps must be integers, so the scales are logged by position; the table holds the scales.

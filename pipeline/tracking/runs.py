@@ -37,7 +37,7 @@ def log_epoch(metrics: dict, synchronous: bool = True, run_id: str | None = None
 
     Straight to the client's ``log_batch``: ``mlflow.log_metrics(run_id=...)`` first reads the whole run
     back (to link metrics to the run's logged models, which a run has none of while it trains), and that
-    read cost as much as the write (~7 ms for each trial's epoch when trials train side by side).
+    read costs as much as the write itself, for each trial's epoch.
     """
     run_id = run_id or mlflow.active_run().info.run_id
     now, step = int(time.time() * 1000), metrics["epoch"]

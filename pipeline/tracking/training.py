@@ -34,7 +34,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     bar = tqdm(total=cfg.epochs, desc="train", unit="epoch", disable=not progress, leave=False)
 
     def after_epoch(metrics: dict) -> None:
-        # synchronous, so a crash loses no finished epoch (asynchronous logging measured no faster here)
+        # synchronous, so that a crash loses no finished epoch
         with held_during_write():  # Ctrl-C comes after the write, not inside its sqlite transaction
             log_epoch(metrics)
         bar.update()

@@ -15,7 +15,7 @@ import mlflow
 import optuna
 
 from pipeline.config import TrainConfig
-from pipeline.core.stacked import fit_side_by_side
+from pipeline.core.stacked import fit_stacked
 from pipeline.core.training import DivergedError, FitResult
 from pipeline.tracking.runs import log_epoch
 from pipeline.tracking.training import log_fit_result, log_training_inputs
@@ -82,7 +82,7 @@ def run_group(worker: Worker) -> bool:
                 break
         if not running:
             return False
-        fit_side_by_side([run.cfg for run in running], worker.tensors, on_epoch=on_epoch, on_end=on_end,
+        fit_stacked([run.cfg for run in running], worker.tensors, on_epoch=on_epoch, on_end=on_end,
                          refill=refill)
         return True
     except BaseException as e:  # an interrupt, a bug or a lost store: fail what runs (no result), then stop
