@@ -115,9 +115,10 @@ def in_project_experiment(callback):
             result = callback(*args, **kwargs)
         except click.UsageError:
             raise  # bad settings: nothing was recorded
-        except BaseException:
-            with contextlib.suppress(MlflowException):  # the store may be why it failed: keep that error
-                experiments.mark_chosen_experiment()
+        except BaseException as e:
+            if environment_problem(e) is None:  # a store that failed would only fail (or hang) again
+                with contextlib.suppress(MlflowException):
+                    experiments.mark_chosen_experiment()
             raise
         experiments.mark_chosen_experiment()
         return result

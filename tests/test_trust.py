@@ -159,7 +159,7 @@ def test_a_study_that_does_not_record_its_data_is_refused(real_slice, mlflow_sto
 
 @pytest.mark.slow
 def test_the_study_records_what_its_trials_used(real_slice, mlflow_store, tmp_path):
-    cfg = replace(one_epoch_study(f"sqlite:///{tmp_path / 'optuna.db'}", trials=6), sampler="random")
+    cfg = replace(one_epoch_study(f"sqlite:///{tmp_path / 'optuna.db'}", trials=6), sampler="random", seed=1)
     space = SearchSpace(epochs_low=1, epochs_high=2)
     with mlflow.start_run() as parent:
         study = run_study(cfg, space, str(real_slice[1]))
