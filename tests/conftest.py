@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from pipeline.config import DataConfig
 from pipeline.core.idx import raw_files_in
 from pipeline.core.splits import prepare_splits
+from pipeline.core.training import Tensors
 from tests.helpers import REAL_DATA, child_env, postgres_server, write_fake_dataset
 
 
@@ -83,6 +84,12 @@ def real_slice(real_data_dir, tmp_path_factory):
     cfg = DataConfig(data_dir=str(real_data_dir), val_size=10_000, limit=2_000)
     splits, path, _ = prepare_splits(cfg, cache_root=tmp_path_factory.mktemp("prepared"))
     return splits, path
+
+
+@pytest.fixture(scope="session")
+def tensors(real_slice) -> Tensors:
+    """The real slice as tensors, converted once for the whole session."""
+    return Tensors.from_splits(real_slice[0])
 
 
 @pytest.fixture

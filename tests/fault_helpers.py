@@ -1,7 +1,11 @@
-"""What the fault tests share: run the real CLI in a subprocess and read its one-line error and its runs."""
+"""What the fault tests share: run the real CLI in a subprocess and read its one-line error and its runs;
+small real disks (tmpfs mounts, root only) to fill."""
 
+import contextlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 from mlflow import MlflowClient
@@ -40,3 +44,24 @@ def run_statuses(tracking_uri: str) -> dict[str, list[str]]:
     for run in client.search_runs(experiments):
         statuses.setdefault(run.info.run_name, []).append(run.info.status)
     return statuses
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str, read_only: bool = False):
+    path.mkdir()
+    options = f"size={size}" + (",ro" if read_only else "")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk: Path, leave_bytes: int = 0) -> None:
+    """Write a filler file until the disk is full, then give ``leave_bytes`` back."""
+    filler = disk / "filler"
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        while True:
+            f.write(bytes(64 * 1024)) and f.flush()
+    if leave_bytes:
+        os.truncate(filler, max(filler.stat().st_size - leave_bytes, 0))

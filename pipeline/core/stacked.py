@@ -10,7 +10,7 @@ weight decay to its own block.
 
 All models see the same batches: one seed's stream of shuffled orders, one order per epoch, drawn as
 ``pipeline.core.training.fit`` draws them. The models that start together start at its first order, so
-each ends exactly where ``fit`` would take it alone, up to float rounding (tests/test_side_by_side.py
+each ends exactly where ``fit`` would take it alone, up to float rounding (tests/core/test_stacked.py
 checks this against ``fit``). A model that joins later (``refill``) starts where the stream is, and its
 config says so (``TrainConfig.shuffle_offset``): ``fit`` with that config reproduces it alone too.
 

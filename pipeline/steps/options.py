@@ -2,7 +2,7 @@
 
 Every setting is written once, as a dataclass field with its type, default and help; each command's
 options are generated from those fields (``options_from``) and turned back into checked config objects
-(``make_config``) before anything runs. ``tests/test_cli.py`` checks MLproject against the same fields.
+(``make_config``) before anything runs. ``tests/steps/test_cli.py`` checks MLproject against the same fields.
 """
 
 import dataclasses

@@ -158,7 +158,7 @@ def test_resume_keeps_trials_and_same_seed_gives_same_study(real_slice, mlflow_s
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = TuneConfig(trials=3, storage=storage, study_name="a", pruner="none", test_best=False,
-                     side_by_side=1)  # one at a time: tests/test_side_by_side.py covers groups
+                     side_by_side=1)  # one at a time: tests/tuning/test_stacked_trials.py covers groups
     first = run_study(cfg, SMALL_SPACE, str(data))
     before = [(t.number, t.params, t.value) for t in first.trials]
 
@@ -200,7 +200,7 @@ def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(real_slice, subprocess_
     storage = f"journal:///{tmp_path / 'optuna.log'}"  # any storage would do: this test covers journal files
     # Long trials (many epochs, no early stopping) so that trial 1 is surely running when we interrupt.
     long_trials = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0", "--pruner", "none",
-                   "--side-by-side", "1"]  # one at a time: tests/test_side_by_side.py covers groups
+                   "--side-by-side", "1"]  # one at a time: tests/tuning/test_stacked_trials.py covers groups
     process = subprocess.Popen(tune_command(data, storage, "--trials", "3", *long_trials), env=subprocess_env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_running_trial(storage, 1)
@@ -228,12 +228,12 @@ def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(real_slice, subprocess_
 def test_killed_worker_is_failed_at_once_by_the_next_run(real_slice, subprocess_env, tmp_path):
     """kill -9 leaves no chance to clean up: the next run sees the trial's owner process gone and closes it.
 
-    (A worker on another host is found by its missing heartbeats instead: tests/test_faults_kills.py.)
+    (A worker on another host is found by its missing heartbeats instead: tests/faults/test_kills.py.)
     """
     _, data = real_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, patience=0, pruner="none",
-                     side_by_side=1)  # one at a time: tests/test_side_by_side.py kills a group
+                     side_by_side=1)  # one at a time: tests/tuning/test_stacked_trials.py kills a group
     long_trials = SearchSpace(epochs_low=300, epochs_high=300)
     script = ("import sys; from pipeline.tuning.study import *; "
               f"run_study({cfg!r}, {long_trials!r}, sys.argv[1])")

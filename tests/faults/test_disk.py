@@ -5,43 +5,19 @@ Each case runs the real CLI in a subprocess with its MLflow sqlite store (and it
 holds FAILED (or no run at all, when not even the run's row could be written).
 """
 
-import contextlib
 import errno
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from tests.fault_helpers import error_line, run_cli, run_statuses
+from tests.fault_helpers import error_line, fill, run_cli, run_statuses, tmpfs
 from tests.helpers import write_fake_dataset
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root"),
 ]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str, read_only: bool = False):
-    path.mkdir()
-    options = f"size={size}" + (",ro" if read_only else "")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def fill(disk: Path, leave_bytes: int = 0) -> None:
-    """Write a filler file until the disk is full, then give ``leave_bytes`` back."""
-    filler = disk / "filler"
-    with open(filler, "wb") as f, contextlib.suppress(OSError):
-        while True:
-            f.write(bytes(64 * 1024)) and f.flush()
-    if leave_bytes:
-        os.truncate(filler, max(filler.stat().st_size - leave_bytes, 0))
 
 
 @pytest.fixture

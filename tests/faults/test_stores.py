@@ -31,9 +31,8 @@ from pipeline.errors import PipelineError, environment_problem
 from pipeline.names import EXPERIMENT_NAME, RUN_ID_ATTR, TRIAL_TAG
 from pipeline.tuning.dead_trials import recover_dead_trials
 from pipeline.tuning.storage import open_storage
-from tests.fault_helpers import error_line, run_cli, run_statuses
+from tests.fault_helpers import error_line, fill, run_cli, run_statuses, tmpfs
 from tests.helpers import REPO, child_env
-from tests.test_faults_disk import fill, tmpfs
 
 # Starting Python, torch and MLflow and loading the data before the storage is opened: generous, as
 # the machine may be loaded; a command that hangs never ends at all.
