@@ -13,7 +13,7 @@ from pipeline.config import DataConfig
 from pipeline.core.idx import raw_files_in
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors
-from tests.helpers import REAL_DATA, child_env, postgres_server, write_fake_dataset
+from tests.helpers import REAL_DATA, child_env, postgres_server, write_fake_dataset, write_learnable_dataset
 
 
 @pytest.fixture
@@ -87,9 +87,26 @@ def real_slice(real_data_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def data_slice(tmp_path_factory):
+    """A made-up task a model learns (``helpers.write_learnable_dataset``), split as the real data is
+    (2,000 images per split): for the tests that need training to work, not Fashion-MNIST."""
+    raw = write_learnable_dataset(tmp_path_factory.mktemp("learnable") / "raw")
+    cfg = DataConfig(data_dir=str(raw), val_size=2_000, limit=2_000)
+    splits, path, _ = prepare_splits(cfg, cache_root=tmp_path_factory.mktemp("prepared-learnable"))
+    return splits, path
+
+
+@pytest.fixture(scope="session")
 def tensors(real_slice) -> Tensors:
     """The real slice as tensors, converted once for the whole session."""
     return Tensors.from_splits(real_slice[0])
+
+
+def pytest_collection_modifyitems(items):
+    # `make test-fast` runs without the real data: it skips the tests that need it (marker real_data)
+    for item in items:
+        if {"real_data_dir", "real_slice", "tiny_split", "tensors"} & set(item.fixturenames):
+            item.add_marker(pytest.mark.real_data)
 
 
 @pytest.fixture

@@ -44,6 +44,32 @@ def write_fake_dataset(directory: Path, n_train: int = 600, n_test: int = 200, s
     return directory
 
 
+NOISE = 150
+FLIPS = 8
+SHIFT = 3
+
+
+def write_learnable_dataset(directory: Path, n_train: int = 12_000, n_test: int = 2_000, seed: int = 0) -> Path:
+    """Four IDX files of a made-up task a softmax regression learns well: each class a fixed random
+    garment-sized blob, each image its class's blob at a random brightness plus noise. For the tests that
+    need training to learn but not Fashion-MNIST itself (``make test-fast`` runs without the real data)."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((7, 7)) > 0.5  # one garment-like blob of 4x4 blocks; each class flips some blocks
+    flips = np.stack([rng.permutation(49) < FLIPS for _ in range(10)]).reshape(10, 7, 7)
+    templates = (base ^ flips).repeat(4, axis=1).repeat(4, axis=2)  # (10, 28, 28)
+    directory.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        brightness = rng.uniform(60, 255, (n, 1, 1))
+        # mostly black around the blob, as the real images are: large pixels everywhere would make large logits
+        images = templates[labels] * (brightness + rng.normal(0, NOISE, (n, 28, 28))) + rng.normal(0, 20, (n, 28, 28))
+        for i, (dy, dx) in enumerate(rng.integers(-SHIFT, SHIFT + 1, (n, 2))):  # placed a little off, as photos are
+            images[i] = np.roll(images[i], (dy, dx), axis=(0, 1))
+        write_idx(directory / f"{prefix}-images-idx3-ubyte", np.clip(images, 0, 255).astype(np.uint8))
+        write_idx(directory / f"{prefix}-labels-idx1-ubyte", labels)
+    return directory
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,8 +13,8 @@ from pipeline.core.training import DivergedError, Tensors, fit, score
 
 
 @pytest.fixture(scope="module")
-def tensors(real_slice):
-    return Tensors.from_splits(real_slice[0])
+def tensors(data_slice):
+    return Tensors.from_splits(data_slice[0])
 
 
 def test_model_is_the_books_seed_model():
@@ -39,11 +39,11 @@ def test_forward_and_loss_match_pytorch_functions():
     torch.testing.assert_close(nn.CrossEntropyLoss()(logits, y), expected)
 
 
-def test_pixels_are_scaled_like_to_tensor(real_slice):
+def test_pixels_are_scaled_like_to_tensor(data_slice):
     from PIL import Image
     from torchvision.transforms import ToTensor
 
-    splits = real_slice[0]
+    splits = data_slice[0]
     tensors = Tensors.from_splits(splits)
     assert tensors.train[0].dtype == torch.uint8  # held as bytes, made pixels a batch at a time
     ours = tensors.train_pixels()[0][:3]

@@ -108,8 +108,8 @@ def epoch_logged(run_name: str) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_train_ends_its_run_killed(signum, real_slice, subprocess_env, mlflow_store, tmp_path):
-    _, data = real_slice
+def test_an_interrupted_train_ends_its_run_killed(signum, data_slice, subprocess_env, mlflow_store, tmp_path):
+    _, data = data_slice
     output = tmp_path / "output.txt"
     process = start([sys.executable, "-m", "pipeline", "train", "--data", data, "--epochs", "100000",
                      *LONG_TRAINING], subprocess_env, output)
@@ -180,8 +180,8 @@ def trials_training_in(storage: str) -> dict[str, list]:
 @pytest.mark.slow
 @pytest.mark.parametrize("workers, signum", [(1, signal.SIGINT), (2, signal.SIGTERM)])
 def test_an_interrupted_study_fails_the_trials_of_every_worker_and_ends_every_run_killed(
-        workers, signum, real_slice, subprocess_env, mlflow_store, tmp_path):
-    _, data = real_slice
+        workers, signum, data_slice, subprocess_env, mlflow_store, tmp_path):
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     output = tmp_path / "output.txt"
     process = start(tune_command(data, storage, "--trials", "4", "--workers", workers, "--side-by-side", "2",
@@ -209,9 +209,9 @@ def test_an_interrupted_study_fails_the_trials_of_every_worker_and_ends_every_ru
 @pytest.mark.slow
 @pytest.mark.parametrize("to_the_group", [False, True], ids=["SIGTERM to tune", "Ctrl-C at the terminal"])
 def test_an_interrupt_while_the_workers_start_ends_them_quietly(
-        to_the_group, real_slice, subprocess_env, mlflow_store, tmp_path):
+        to_the_group, data_slice, subprocess_env, mlflow_store, tmp_path):
     """The signal comes while the workers import PyTorch; a Ctrl-C at the terminal reaches them too."""
-    _, data = real_slice
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     output = tmp_path / "output.txt"
     process = start(tune_command(data, storage, "--trials", "4", "--workers", "2", *LONG_STUDY),
@@ -230,9 +230,9 @@ def test_an_interrupt_while_the_workers_start_ends_them_quietly(
     assert_stopped_in_one_line(process, text, signum)
 
 
-def test_a_trial_run_ends_even_when_its_last_tag_cannot_be_written(real_slice, mlflow_store, tmp_path,
+def test_a_trial_run_ends_even_when_its_last_tag_cannot_be_written(data_slice, mlflow_store, tmp_path,
                                                                   monkeypatch):
-    splits, _ = real_slice
+    splits, _ = data_slice
     cfg = TuneConfig(trials=1, storage=f"journal:///{tmp_path / 'optuna.log'}", study_name="s", test_best=False,
                      pruner="none", patience=0, side_by_side=1)
     optuna.create_study(study_name="s", storage=open_storage(cfg), direction="maximize")

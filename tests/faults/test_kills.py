@@ -107,8 +107,8 @@ def storage(request, tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_then_a_rerun_gives_exactly_the_trials_asked_for(
-        storage, real_slice, subprocess_env):
-    _, data = real_slice
+        storage, data_slice, subprocess_env):
+    _, data = data_slice
     rng = random.Random(11)  # seeded: the same delays on every run of the suite
     kills, left_behind = 0, []
     for _ in range(KILLS_PER_STORAGE):
@@ -132,10 +132,10 @@ def test_sigkill_at_random_moments_then_a_rerun_gives_exactly_the_trials_asked_f
 
 @pytest.mark.slow
 def test_a_trial_of_a_worker_on_another_host_is_failed_by_its_missing_heartbeat(
-        real_slice, subprocess_env, tmp_path):
+        data_slice, subprocess_env, tmp_path):
     """The owner check cannot see other machines' processes: there, database heartbeats take over, for
     each trial of a side-by-side group (the default)."""
-    _, data = real_slice
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     process = subprocess.Popen(tune(data, storage) + ["--heartbeat-interval", "1", "--epochs-low", "300",
                                                       "--epochs-high", "300", "--patience", "0"],
@@ -171,9 +171,9 @@ def sqlite_tables(path: Path) -> set[str]:
 
 
 @pytest.mark.slow
-def test_four_commands_started_at_once_on_new_stores(real_slice, new_mlflow_store, tmp_path):
+def test_four_commands_started_at_once_on_new_stores(data_slice, new_mlflow_store, tmp_path):
     """Four tune commands, each its own study, created together with both sqlite stores they share."""
-    _, data = real_slice
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     subprocess_env = child_env(new_mlflow_store)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "optuna.db").exists()

@@ -74,8 +74,8 @@ def no_run_running(tracking_uri: str) -> bool:
 
 @pytest.mark.slow
 def test_a_database_server_that_never_answers_is_one_line_within_the_connect_timeout(
-        real_slice, subprocess_env, mlflow_store):
-    _, data = real_slice
+        data_slice, subprocess_env, mlflow_store):
+    _, data = data_slice
     with tarpit() as (port, accepted):
         storage = f"postgresql://someone:secret@127.0.0.1:{port}/optuna"
         started = time.monotonic()
@@ -93,8 +93,8 @@ def test_a_database_server_that_never_answers_is_one_line_within_the_connect_tim
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_a_signal_ends_tune_while_it_waits_for_a_database_server(sent, real_slice, subprocess_env, mlflow_store):
-    _, data = real_slice
+def test_a_signal_ends_tune_while_it_waits_for_a_database_server(sent, data_slice, subprocess_env, mlflow_store):
+    _, data = data_slice
     with tarpit() as (port, accepted):
         command = [sys.executable, "-m", "pipeline", *tune(data, f"postgresql://u@127.0.0.1:{port}/db")]
         process = subprocess.Popen(command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -134,8 +134,8 @@ def wait_for_a_trial(url: str, process: subprocess.Popen, that) -> None:
 
 @pytest.mark.slow
 def test_a_postgresql_statement_stuck_behind_a_lock_ends_with_one_line_and_no_run_running(
-        postgres_url, real_slice, subprocess_env, mlflow_store):
-    _, data = real_slice
+        postgres_url, data_slice, subprocess_env, mlflow_store):
+    _, data = data_slice
     # the URL's own libpq options win over the default (a minute): a short statement timeout for the test
     storage = postgres_url + "?options=" + urllib.parse.quote("-c statement_timeout=3s")
     process = subprocess.Popen([sys.executable, "-m", "pipeline", *tune(data, storage, "--trials", "6",
@@ -199,8 +199,8 @@ def immutable_files(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("side_by_side", ["8", "1"])
 def test_an_optuna_storage_that_turns_read_only_mid_study_is_named_and_every_run_ends(
-        side_by_side, immutable_files, tmp_path, real_slice, subprocess_env, mlflow_store):
-    _, data = real_slice
+        side_by_side, immutable_files, tmp_path, data_slice, subprocess_env, mlflow_store):
+    _, data = data_slice
     db = tmp_path / "optuna.db"
     storage = f"sqlite:///{db}"
     process = subprocess.Popen(
@@ -258,8 +258,8 @@ def test_a_tracking_server_that_never_answers_is_retried_the_projects_default_ti
 
 @pytest.mark.slow
 @pytest.mark.parametrize("switch", ["--debug", "PIPELINE_DEBUG=1"])
-def test_debug_prints_the_traceback_behind_the_one_line(switch, real_slice, subprocess_env, mlflow_store):
-    _, data = real_slice
+def test_debug_prints_the_traceback_behind_the_one_line(switch, data_slice, subprocess_env, mlflow_store):
+    _, data = data_slice
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         command = tune(data, f"postgresql://u@127.0.0.1:{s.getsockname()[1]}/db")
@@ -347,8 +347,8 @@ def test_a_database_server_names_what_it_refused(postgres_url):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_an_optuna_storage_on_a_full_disk_names_the_full_disk(tmp_path, real_slice, subprocess_env, mlflow_store):
-    _, data = real_slice
+def test_an_optuna_storage_on_a_full_disk_names_the_full_disk(tmp_path, data_slice, subprocess_env, mlflow_store):
+    _, data = data_slice
     with tmpfs(tmp_path / "disk", "1m") as disk:
         fill(disk)
         done = run_cli(subprocess_env, *tune(data, f"sqlite:///{disk / 'optuna.db'}"))

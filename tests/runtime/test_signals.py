@@ -81,10 +81,10 @@ def test_nothing_is_raised_without_a_signal():
 
 @pytest.mark.parametrize("side_by_side", [1, 2])
 def test_ctrl_c_inside_a_trials_store_write_lets_it_end_and_stops_at_the_next_safe_point(
-        side_by_side, real_slice, mlflow_store, tmp_path, monkeypatch):
+        side_by_side, data_slice, mlflow_store, tmp_path, monkeypatch):
     """Seen in CI: a Ctrl-C inside Optuna's journal write broke its file lock (FileNotFoundError took the
     interrupt's place) and the trial's run ended FAILED instead of KILLED."""
-    splits, _ = real_slice
+    splits, _ = data_slice
     cfg = TuneConfig(trials=side_by_side, storage=f"journal:///{tmp_path / 'optuna.log'}", study_name="s",
                      test_best=False, pruner="none", patience=0, side_by_side=side_by_side)
     write = JournalStorage.set_trial_intermediate_value

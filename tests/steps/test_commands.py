@@ -19,8 +19,8 @@ FRESH_SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"  # no venv: `uvicorn`, `mlflow
 
 
 @pytest.mark.slow
-def test_make_serve_answers_from_a_fresh_shell(mlflow_store, real_slice, subprocess_env):
-    splits = real_slice[0]
+def test_make_serve_answers_from_a_fresh_shell(mlflow_store, data_slice, subprocess_env):
+    splits = data_slice[0]
     with mlflow.start_run():
         result, info = train(TrainConfig(epochs=2), splits, progress=False)
     promote_if_better(info.model_uri, result.best_val_accuracy, array_digest(splits.val_x, splits.val_y))

@@ -30,9 +30,9 @@ SHORT = 300  # characters: a message a person reads, not the request echoed back
 
 
 @pytest.fixture
-def server(mlflow_store, real_slice, subprocess_env, tmp_path):
+def server(mlflow_store, data_slice, subprocess_env, tmp_path):
     """The champion served by the CLI on a free port; yields the server's URL."""
-    splits = real_slice[0]
+    splits = data_slice[0]
     with mlflow.start_run():
         result, info = train(TrainConfig(epochs=2), splits, progress=False)
     promote_if_better(info.model_uri, result.best_val_accuracy, array_digest(splits.val_x, splits.val_y))
@@ -58,8 +58,8 @@ def ask(url: str, body: str) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_the_server_answers_images_like_the_model_and_refuses_bad_ones_in_a_line(server, real_slice):
-    images = (real_slice[0].test_x[:8] / 255.0).astype(np.float32)[:, None]  # (N, 1, 28, 28) in [0, 1]
+def test_the_server_answers_images_like_the_model_and_refuses_bad_ones_in_a_line(server, data_slice):
+    images = (data_slice[0].test_x[:8] / 255.0).astype(np.float32)[:, None]  # (N, 1, 28, 28) in [0, 1]
     status, answer = ask(server, json.dumps({"inputs": images.tolist()}))
     assert status == 200
     with torch.no_grad():

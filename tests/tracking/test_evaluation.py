@@ -25,12 +25,12 @@ def train_model(splits, **cfg):
 
 
 @pytest.fixture
-def trained(mlflow_store, real_slice):
-    return train_model(real_slice[0], epochs=3)
+def trained(mlflow_store, data_slice):
+    return train_model(data_slice[0], epochs=3)
 
 
-def test_evaluate_on_test_logs_metrics_table_and_figures(trained, real_slice):
-    splits = real_slice[0]
+def test_evaluate_on_test_logs_metrics_table_and_figures(trained, data_slice):
+    splits = data_slice[0]
     result, info = trained
     with mlflow.start_run() as run:
         evaluation = evaluate_on_test(info.model_uri, splits)
@@ -65,13 +65,13 @@ def test_evaluate_on_test_logs_metrics_table_and_figures(trained, real_slice):
     assert digest == array_digest(splits.test_x, splits.test_y)
 
 
-def test_evaluate_command_prints_the_interval(trained, real_slice):
+def test_evaluate_command_prints_the_interval(trained, data_slice):
     _, info = trained
-    result = CliRunner().invoke(cli, ["evaluate", "--model-uri", info.model_uri, "--data", str(real_slice[1])])
+    result = CliRunner().invoke(cli, ["evaluate", "--model-uri", info.model_uri, "--data", str(data_slice[1])])
     assert result.exit_code == 0, result.output
     accuracy = float(result.output.split("test accuracy ")[1].split()[0])
-    correct = round(accuracy * len(real_slice[0].test_y))
-    ci = binomtest(correct, len(real_slice[0].test_y)).proportion_ci(method="wilson")
+    correct = round(accuracy * len(data_slice[0].test_y))
+    ci = binomtest(correct, len(data_slice[0].test_y)).proportion_ci(method="wilson")
     assert f"test accuracy {accuracy:.4f} (95% CI {ci.low:.4f}-{ci.high:.4f}) on 2000 images" in result.output
 
 
@@ -85,8 +85,8 @@ def val_digest(splits) -> str:
     return array_digest(splits.val_x, splits.val_y)
 
 
-def test_champion_moves_only_on_better_validation_accuracy(mlflow_store, real_slice):
-    splits = real_slice[0]
+def test_champion_moves_only_on_better_validation_accuracy(mlflow_store, data_slice):
+    splits = data_slice[0]
     good, good_info = train_model(splits, epochs=3)
     worse, worse_info = train_model(splits, epochs=1, lr=0.001)
     assert worse.best_val_accuracy < good.best_val_accuracy
@@ -105,8 +105,8 @@ def test_champion_moves_only_on_better_validation_accuracy(mlflow_store, real_sl
     assert int(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == 3
 
 
-def test_predict_images_of_any_size_and_colour(trained, real_slice, tmp_path):
-    splits = real_slice[0]
+def test_predict_images_of_any_size_and_colour(trained, data_slice, tmp_path):
+    splits = data_slice[0]
     result, info = trained
     logits = predict_logits(result.model, splits.test_x)
     probs = logits.softmax(1).max(1).values.numpy()
@@ -128,8 +128,8 @@ def test_predict_images_of_any_size_and_colour(trained, real_slice, tmp_path):
         assert line.split(": ")[1].startswith(CLASS_NAMES[int(logits[i].argmax())])
 
 
-def test_predict_on_test_split(trained, real_slice):
-    _, prepared = real_slice
+def test_predict_on_test_split(trained, data_slice):
+    _, prepared = data_slice
     out = CliRunner().invoke(cli, ["predict", "--model-uri", trained[1].model_uri, "--test", "3",
                                    "--data", str(prepared)])
     assert out.exit_code == 0, out.output

@@ -18,8 +18,8 @@ def dataset_inputs(run) -> dict[str, str]:
             for d in run.inputs.dataset_inputs}
 
 
-def test_train_records_in_the_named_training_experiment(mlflow_store, real_slice):
-    splits, prepared = real_slice
+def test_train_records_in_the_named_training_experiment(mlflow_store, data_slice):
+    splits, prepared = data_slice
     out = CliRunner().invoke(cli, ["train", "--data", str(prepared), "--epochs", "2", "--lr", "0.2"])
     assert out.exit_code == 0, out.output
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
@@ -35,8 +35,8 @@ def test_train_records_in_the_named_training_experiment(mlflow_store, real_slice
                                    DATASET_CONTEXTS["val"]: array_digest(splits.val_x, splits.val_y)}
 
 
-def test_environment_names_another_experiment_and_it_is_marked_too(mlflow_store, real_slice, monkeypatch):
-    train = ["train", "--data", str(real_slice[1]), "--epochs", "1"]
+def test_environment_names_another_experiment_and_it_is_marked_too(mlflow_store, data_slice, monkeypatch):
+    train = ["train", "--data", str(data_slice[1]), "--epochs", "1"]
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
     assert CliRunner().invoke(cli, train).exit_code == 0
     mine = mlflow.get_experiment_by_name("mine")
@@ -52,9 +52,9 @@ def test_environment_names_another_experiment_and_it_is_marked_too(mlflow_store,
     assert mlflow.get_experiment(other).tags[EXPERIMENT_KIND_TAG] == "genai_development"
 
 
-def test_unknown_experiment_id_fails_in_one_line_before_any_run(mlflow_store, real_slice, monkeypatch):
+def test_unknown_experiment_id_fails_in_one_line_before_any_run(mlflow_store, data_slice, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "12345")
-    out = CliRunner().invoke(cli, ["train", "--data", str(real_slice[1]), "--epochs", "1"])
+    out = CliRunner().invoke(cli, ["train", "--data", str(data_slice[1]), "--epochs", "1"])
     assert out.exit_code == 1
     [error] = [line for line in out.output.splitlines() if line.startswith("Error:")]
     assert error.startswith("Error: cannot record runs in MLFLOW_EXPERIMENT_ID=12345: ")
@@ -68,8 +68,8 @@ def test_make_run_passes_the_project_experiment():
 
 
 @pytest.mark.slow
-def test_tune_records_system_metrics_and_trial_datasets(mlflow_store, real_slice, tmp_path, monkeypatch):
-    splits, prepared = real_slice
+def test_tune_records_system_metrics_and_trial_datasets(mlflow_store, data_slice, tmp_path, monkeypatch):
+    splits, prepared = data_slice
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # 10 s by default
     out = CliRunner().invoke(cli, ["tune", "--data", str(prepared), "--storage", f"sqlite:///{tmp_path}/o.db",
                                    "--trials", "3", "--epochs-low", "2", "--epochs-high", "3", "--pruner", "none",

@@ -37,8 +37,8 @@ def register(splits, val_accuracy: float, digest: str) -> dict:
 
 
 @pytest.mark.slow
-def test_champion_is_compared_only_on_the_same_validation_split(real_slice, tiny_split, mlflow_store):
-    big, small = real_slice[0], tiny_split[0]
+def test_champion_is_compared_only_on_the_same_validation_split(data_slice, tiny_split, mlflow_store):
+    big, small = data_slice[0], tiny_split[0]
     big_digest, small_digest = val_digest(big), val_digest(small)
     assert big_digest != small_digest
     client = MlflowClient()

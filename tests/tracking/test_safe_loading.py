@@ -76,8 +76,8 @@ def test_the_hostile_model_really_runs_its_command_under_plain_mlflow(hostile_ch
 
 @pytest.mark.slow
 def test_evaluate_and_predict_refuse_the_hostile_champion_without_running_it(hostile_champion, subprocess_env,
-                                                                             mlflow_store, real_slice):
-    prepared = str(real_slice[1])
+                                                                             mlflow_store, data_slice):
+    prepared = str(data_slice[1])
     for args in (["evaluate", "--model-uri", CHAMPION_URI, "--data", prepared],
                  ["predict", "--model-uri", CHAMPION_URI, "--data", prepared, "--test", "3"]):
         done = run_cli(subprocess_env, *args)
@@ -108,12 +108,12 @@ def test_a_model_folder_shipping_code_is_refused(mlflow_store, tmp_path):
         load_model(str(folder))
 
 
-def test_the_projects_own_model_still_loads_with_pickle_disallowed(mlflow_store, real_slice):
+def test_the_projects_own_model_still_loads_with_pickle_disallowed(mlflow_store, data_slice):
     from pipeline.config import TrainConfig
     from pipeline.tracking.training import train
 
     with mlflow.start_run():
-        result, info = train(TrainConfig(epochs=1), real_slice[0], progress=False)
+        result, info = train(TrainConfig(epochs=1), data_slice[0], progress=False)
     loaded = load_model(info.model_uri)  # goes through MLflow's check that the pt2 archive holds no pickle
     x = torch.rand(5, 1, 28, 28)
     torch.testing.assert_close(loaded(x), result.model(x))
@@ -175,14 +175,14 @@ def wait_for_exit(process: subprocess.Popen, seconds: float = 240) -> str:
 
 @pytest.mark.slow
 def test_serve_evaluate_and_predict_refuse_the_code_shipping_champion(code_shipping_champion, subprocess_env,
-                                                                      mlflow_store, real_slice):
+                                                                      mlflow_store, data_slice):
     served = make("serve", subprocess_env, SERVE_PORT=free_port())  # the champion, as `make serve` serves it
     output = wait_for_exit(served)
     assert served.returncode != 0 and "Traceback" not in output, output
     errors = [line for line in output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "refusing to load model" in errors[0] and "'code'" in errors[0], output
     assert not code_shipping_champion.exists(), "make serve ran the model's code"
-    prepared = str(real_slice[1])
+    prepared = str(data_slice[1])
     for args in (["evaluate", "--model-uri", CHAMPION_URI, "--data", prepared],
                  ["predict", "--model-uri", CHAMPION_URI, "--data", prepared, "--test", "3"]):
         done = run_cli(subprocess_env, *args)

@@ -21,8 +21,8 @@ from pipeline.tracking.training import train
 from tests.helpers import REPO
 
 
-def test_train_step_logs_params_curves_and_model(mlflow_store, real_slice):
-    splits = real_slice[0]
+def test_train_step_logs_params_curves_and_model(mlflow_store, data_slice):
+    splits = data_slice[0]
     cfg = TrainConfig(epochs=3, lr=0.2)
     with mlflow.start_run() as run:
         result, model_info = train(cfg, splits, progress=False)
@@ -74,8 +74,8 @@ def test_cli_rejects_bad_parameters_before_anything_runs(mlflow_store, option, v
     assert mlflow.search_runs(search_all_experiments=True).empty  # no run was started
 
 
-def test_diverging_run_fails_cleanly(mlflow_store, real_slice):
-    _, prepared = real_slice
+def test_diverging_run_fails_cleanly(mlflow_store, data_slice):
+    _, prepared = data_slice
     result = CliRunner().invoke(cli, ["train", "--data", str(prepared), "--lr", "1e38", "--epochs", "2"])
     assert result.exit_code == 1
     assert "training diverged at epoch 1" in result.output and "Traceback" not in result.output

@@ -36,11 +36,11 @@ from tests.study_helpers import (
 
 
 @pytest.mark.slow
-def test_a_study_side_by_side_equals_the_study_one_at_a_time(real_slice, tensors, mlflow_store, tmp_path):
+def test_a_study_side_by_side_equals_the_study_one_at_a_time(data_slice, tensors, mlflow_store, tmp_path):
     """Same seed: the same trials with the same results, each with its own complete MLflow run. A trial
     that joined the stack late records where in the batch orders it started; trained alone from there,
     it gives its recorded result."""
-    _, data = real_slice
+    _, data = data_slice
     cfg = TuneConfig(trials=5, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="one", pruner="none",
                      test_best=False, side_by_side=1)
     alone = run_study(cfg, SMALL_SPACE, str(data))
@@ -81,8 +81,8 @@ def config_from_params(params: dict) -> TrainConfig:
 
 
 @pytest.mark.slow
-def test_a_diverging_trial_fails_alone_in_its_group(real_slice, mlflow_store, tmp_path):
-    _, data = real_slice
+def test_a_diverging_trial_fails_alone_in_its_group(data_slice, mlflow_store, tmp_path):
+    _, data = data_slice
     huge_lr = SearchSpace(lr_low=1e37, lr_high=1e38, epochs_low=1, epochs_high=2)  # loss becomes NaN
     cfg = TuneConfig(trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", test_best=False,
                      side_by_side=3)
@@ -108,8 +108,8 @@ LONG_TRIALS = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0",
 
 
 @pytest.mark.slow
-def test_ctrl_c_fails_every_running_trial_and_the_next_run_resumes(real_slice, subprocess_env, tmp_path):
-    _, data = real_slice
+def test_ctrl_c_fails_every_running_trial_and_the_next_run_resumes(data_slice, subprocess_env, tmp_path):
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     process = subprocess.Popen(tune_command(data, storage, "--trials", "3", "--side-by-side", "3", *LONG_TRIALS),
                                env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -135,10 +135,10 @@ def test_ctrl_c_fails_every_running_trial_and_the_next_run_resumes(real_slice, s
 
 
 @pytest.mark.slow
-def test_killed_worker_group_is_failed_and_the_next_run_goes_on(real_slice, subprocess_env, tmp_path):
+def test_killed_worker_group_is_failed_and_the_next_run_goes_on(data_slice, subprocess_env, tmp_path):
     """kill -9 mid-group: each trial recorded its owner, so the next run on this host sees the process
     gone, fails them all and goes on (another host would see each trial's own heartbeat stop)."""
-    _, data = real_slice
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = TuneConfig(trials=3, storage=storage, study_name="s", test_best=False, heartbeat_interval=1,
                      patience=0, pruner="none", side_by_side=3)

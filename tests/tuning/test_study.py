@@ -115,9 +115,9 @@ def test_only_paths_and_journal_urls_are_journal_files():
 
 
 @pytest.mark.slow
-def test_small_study_on_real_data(real_slice, mlflow_store, tmp_path):
+def test_small_study_on_real_data(data_slice, mlflow_store, tmp_path):
     """A complete study: seed trial first, a child run per trial, the best model evaluated and registered."""
-    _, data = real_slice
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     with mlflow.start_run() as parent:
         study = run_study(TuneConfig(trials=5, storage=storage, study_name="s"), SMALL_SPACE, str(data))
@@ -154,8 +154,8 @@ def test_small_study_on_real_data(real_slice, mlflow_store, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_keeps_trials_and_same_seed_gives_same_study(real_slice, mlflow_store, tmp_path):
-    _, data = real_slice
+def test_resume_keeps_trials_and_same_seed_gives_same_study(data_slice, mlflow_store, tmp_path):
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = TuneConfig(trials=3, storage=storage, study_name="a", pruner="none", test_best=False,
                      side_by_side=1)  # one at a time: tests/tuning/test_stacked_trials.py covers groups
@@ -172,8 +172,8 @@ def test_resume_keeps_trials_and_same_seed_gives_same_study(real_slice, mlflow_s
 
 
 @pytest.mark.slow
-def test_diverging_trials_fail_and_the_study_goes_on(real_slice, mlflow_store, tmp_path):
-    _, data = real_slice
+def test_diverging_trials_fail_and_the_study_goes_on(data_slice, mlflow_store, tmp_path):
+    _, data = data_slice
     huge_lr = SearchSpace(lr_low=1e37, lr_high=1e38, epochs_low=1, epochs_high=2)  # loss becomes NaN
     cfg = TuneConfig(trials=3, storage=f"sqlite:///{tmp_path / 'optuna.db'}", study_name="s", test_best=False)
     with pytest.warns(UserWarning, match="out of range"):  # the seed recipe's lr lies outside this space
@@ -195,8 +195,8 @@ def wait_for_running_trial(storage: str, number: int) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(real_slice, subprocess_env, tmp_path):
-    _, data = real_slice
+def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(data_slice, subprocess_env, tmp_path):
+    _, data = data_slice
     storage = f"journal:///{tmp_path / 'optuna.log'}"  # any storage would do: this test covers journal files
     # Long trials (many epochs, no early stopping) so that trial 1 is surely running when we interrupt.
     long_trials = ["--epochs-low", "300", "--epochs-high", "300", "--patience", "0", "--pruner", "none",
@@ -225,12 +225,12 @@ def test_ctrl_c_fails_the_trial_and_the_next_run_resumes(real_slice, subprocess_
 
 
 @pytest.mark.slow
-def test_killed_worker_is_failed_at_once_by_the_next_run(real_slice, subprocess_env, tmp_path):
+def test_killed_worker_is_failed_at_once_by_the_next_run(data_slice, subprocess_env, tmp_path):
     """kill -9 leaves no chance to clean up: the next run sees the trial's owner process gone and closes it.
 
     (A worker on another host is found by its missing heartbeats instead: tests/faults/test_kills.py.)
     """
-    _, data = real_slice
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = TuneConfig(trials=2, storage=storage, study_name="s", test_best=False, patience=0, pruner="none",
                      side_by_side=1)  # one at a time: tests/tuning/test_stacked_trials.py kills a group
@@ -250,8 +250,8 @@ def test_killed_worker_is_failed_at_once_by_the_next_run(real_slice, subprocess_
 
 
 @pytest.mark.slow
-def test_workers_share_one_study(real_slice, subprocess_env, tmp_path):
-    _, data = real_slice
+def test_workers_share_one_study(data_slice, subprocess_env, tmp_path):
+    _, data = data_slice
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"  # the default storage, and the one most prone to locking
     result = subprocess.run(tune_command(data, storage, "--trials", "6", "--workers", "2"), env=subprocess_env,
                             capture_output=True, text=True, timeout=300)
@@ -270,9 +270,9 @@ def test_workers_share_one_study(real_slice, subprocess_env, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_machines_share_one_study_on_postgres(postgres_url, real_slice, subprocess_env):
+def test_two_machines_share_one_study_on_postgres(postgres_url, data_slice, subprocess_env):
     """The same command started twice at once, as on two machines: together they run the trials asked for."""
-    _, data = real_slice
+    _, data = data_slice
     mlflow.search_experiments()  # machines share a tracking store that exists: create it before they start
     command = tune_command(data, postgres_url, "--trials", "6")
     processes = [subprocess.Popen(command, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

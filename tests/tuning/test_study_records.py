@@ -40,13 +40,13 @@ ONE_EPOCH = SearchSpace(epochs_low=1, epochs_high=1)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite:///optuna.db", "journal:///optuna.log"])
-def test_a_study_refuses_to_resume_on_other_data(storage, real_slice, tiny_split, mlflow_store):
+def test_a_study_refuses_to_resume_on_other_data(storage, data_slice, tiny_split, mlflow_store):
     cfg = one_epoch_study(storage)
-    study = run_study(cfg, ONE_EPOCH, str(real_slice[1]))
+    study = run_study(cfg, ONE_EPOCH, str(data_slice[1]))
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]  # --trials 1 runs the seed trial
     trained_on = dict(study.user_attrs)
     assert {k: trained_on[k] for k in STUDY_DATA_ATTRS} == {
-        "train_digest": array_digest(*real_slice[0].arrays("train")), "val_digest": val_digest(real_slice[0])}
+        "train_digest": array_digest(*data_slice[0].arrays("train")), "val_digest": val_digest(data_slice[0])}
 
     result = CliRunner().invoke(cli, ["tune", "--data", str(tiny_split[1]), "--storage", storage,
                                       "--study-name", "s", "--trials", "2", "--epochs-low", "1",
@@ -60,18 +60,18 @@ def test_a_study_refuses_to_resume_on_other_data(storage, real_slice, tiny_split
 
     kept = optuna.load_study(study_name="s", storage=open_storage(cfg))
     assert len(kept.trials) == 1 and kept.user_attrs == trained_on  # nothing recorded was lost or changed
-    resumed = run_study(replace(cfg, trials=2), ONE_EPOCH, str(real_slice[1]))  # its own data: resumes
+    resumed = run_study(replace(cfg, trials=2), ONE_EPOCH, str(data_slice[1]))  # its own data: resumes
     assert len(resumed.trials) == 2
 
 
 @pytest.mark.slow
-def test_a_study_that_does_not_record_its_data_is_refused(real_slice, mlflow_store, tmp_path):
+def test_a_study_that_does_not_record_its_data_is_refused(data_slice, mlflow_store, tmp_path):
     """A study made before studies recorded their data: nothing says its trials are comparable."""
     cfg = one_epoch_study(f"sqlite:///{tmp_path / 'optuna.db'}", name="old")
     old = optuna.create_study(study_name="old", storage=open_storage(cfg), direction="maximize")
     old.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.8))
     with pytest.raises(PipelineError, match="was run on other data \\(train_digest not recorded"):
-        run_study(cfg, ONE_EPOCH, str(real_slice[1]))
+        run_study(cfg, ONE_EPOCH, str(data_slice[1]))
     assert len(optuna.load_study(study_name="old", storage=open_storage(cfg)).trials) == 1
 
 
@@ -80,11 +80,11 @@ def test_a_study_that_does_not_record_its_data_is_refused(real_slice, mlflow_sto
 
 
 @pytest.mark.slow
-def test_the_study_records_what_its_trials_used(real_slice, mlflow_store, tmp_path):
+def test_the_study_records_what_its_trials_used(data_slice, mlflow_store, tmp_path):
     cfg = replace(one_epoch_study(f"sqlite:///{tmp_path / 'optuna.db'}", trials=6), sampler="random", seed=1)
     space = SearchSpace(epochs_low=1, epochs_high=2)
     with mlflow.start_run() as parent:
-        study = run_study(cfg, space, str(real_slice[1]))
+        study = run_study(cfg, space, str(data_slice[1]))
 
     assert study.metric_names == ["val_accuracy"]
     # the seed recipe, within the space's epochs (a smoke run caps them to 2), and no weight decay drawn
@@ -96,7 +96,7 @@ def test_the_study_records_what_its_trials_used(real_slice, mlflow_store, tmp_pa
         run = mlflow.get_run(trial.user_attrs[RUN_ID_ATTR])
         assert float(run.data.params["weight_decay"]) == trial.params.get("weight_decay", 0.0)
         assert run.data.metrics["epochs_run"] <= space.epochs_high
-        assert run.data.tags[VAL_DIGEST_TAG] == val_digest(real_slice[0])
+        assert run.data.tags[VAL_DIGEST_TAG] == val_digest(data_slice[0])
     artifacts = {a.path for a in MlflowClient().list_artifacts(parent.info.run_id, "study")}
     assert {"study/param_importances.png", "study/slice.png", "study/parallel_coordinate.png"} <= artifacts
     header = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study/trials.csv").splitlines()[0]
@@ -104,8 +104,8 @@ def test_the_study_records_what_its_trials_used(real_slice, mlflow_store, tmp_pa
 
 
 @pytest.mark.slow
-def test_a_pruned_trial_logs_its_best_so_far_and_where_it_stopped(real_slice, mlflow_store, tmp_path):
-    splits, _ = real_slice
+def test_a_pruned_trial_logs_its_best_so_far_and_where_it_stopped(data_slice, mlflow_store, tmp_path):
+    splits, _ = data_slice
     cfg = replace(one_epoch_study(f"sqlite:///{tmp_path / 'optuna.db'}"), patience=0)
     space = SearchSpace(lr_low=0.05, lr_high=0.05, epochs_low=5, epochs_high=5)
     # a real pruner that stops every trial at epoch 3: no accuracy reaches 1.0
