@@ -106,8 +106,6 @@ def in_project_experiment(callback):
     (MLflow creates the experiment at the command's first run)."""
     @functools.wraps(callback)
     def run(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
-
         from pipeline.tracking import experiments
 
         experiments.default_to_project_experiment()
@@ -116,8 +114,10 @@ def in_project_experiment(callback):
         except click.UsageError:
             raise  # bad settings: nothing was recorded
         except BaseException as e:
-            if environment_problem(e) is None:  # a store that failed would only fail (or hang) again
-                with contextlib.suppress(MlflowException):
+            # best effort, and not on a store that failed, which would only fail (or hang) again: the
+            # command's own error is what the user must see
+            if environment_problem(e) is None:
+                with contextlib.suppress(Exception):
                     experiments.mark_chosen_experiment()
             raise
         experiments.mark_chosen_experiment()

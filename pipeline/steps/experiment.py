@@ -35,7 +35,7 @@ from pipeline.steps.options import make_config, options_from
 from pipeline.steps.stability import run_stability
 from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.evaluation import evaluate_on_test
-from pipeline.tracking.experiments import mark_as_training
+from pipeline.tracking.experiments import experiment_named, mark_as_training
 from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
 from pipeline.tracking.stores import open_tracking_store
@@ -72,8 +72,7 @@ def experiment_id(name: str) -> str:
     Deliberately not ``mlflow.set_experiment``: under ``mlflow run`` the parent run already exists in
     the experiment ``mlflow run`` chose, and MLflow refuses to resume it while another is "active".
     """
-    client = MlflowClient()
-    experiment = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
+    experiment = experiment_named(name)
     mark_as_training(experiment)  # the UI opens it on its training runs
     return experiment.experiment_id
 

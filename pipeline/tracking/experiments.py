@@ -16,9 +16,23 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 from pipeline.errors import PipelineError
 from pipeline.names import EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, TRAINING_KIND
+
+
+def experiment_named(name: str) -> Experiment:
+    """The MLflow experiment ``name``, created if new: commands started together may each find it missing,
+    and the one that creates it second finds it made."""
+    client = MlflowClient()
+    if client.get_experiment_by_name(name) is None:
+        try:
+            client.create_experiment(name)
+        except MlflowException as e:
+            if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+    return client.get_experiment_by_name(name)
 
 
 def mark_as_training(experiment: Experiment) -> None:

@@ -9,10 +9,12 @@ ever opens a complete store. MLflow's ``mlflow run`` CLI makes its store before 
 """
 
 import mlflow
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
 from pipeline.errors import PipelineError, unwritable_sqlite_store
 from pipeline.runtime.store_files import create_if_new, creation_lock, is_new
+from pipeline.tracking.experiments import experiment_named
 from pipeline.tracking.owners import claim_launched_run
 
 DEFAULT_ARTIFACT_ROOT = "./mlruns"  # where MLflow puts a sqlite store's artifacts unless told otherwise
@@ -20,13 +22,15 @@ DEFAULT_ARTIFACT_ROOT = "./mlruns"  # where MLflow puts a sqlite store's artifac
 
 def open_tracking_store() -> None:
     """What a command that records runs does once its settings are checked (so bad settings leave no
-    store behind): refuse a store it cannot write, create it if new, and claim the run that
-    ``mlflow run`` created for this process."""
+    store behind): refuse a store it cannot write, create it if new, claim the run that ``mlflow run``
+    created for this process, and create the experiment its runs go to if new."""
     problem = unwritable_sqlite_store(mlflow.get_tracking_uri())
     if problem:
         raise PipelineError(problem)
     make_tracking_store_if_new()
     claim_launched_run()
+    if MLFLOW_EXPERIMENT_NAME.get() and not MLFLOW_EXPERIMENT_ID.get():  # before several commands race to make it
+        experiment_named(MLFLOW_EXPERIMENT_NAME.get())
 
 
 def make_tracking_store_if_new() -> None:

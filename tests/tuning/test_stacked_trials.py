@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig
 from pipeline.core.models import build_model
-from pipeline.core.training import fit
+from pipeline.core.training import Tensors, fit
 from pipeline.names import (
     FAIL_REASON_ATTR,
     FAILURE_TAG,
@@ -36,7 +36,7 @@ from tests.study_helpers import (
 
 
 @pytest.mark.slow
-def test_a_study_side_by_side_equals_the_study_one_at_a_time(data_slice, tensors, mlflow_store, tmp_path):
+def test_a_study_side_by_side_equals_the_study_one_at_a_time(data_slice, mlflow_store, tmp_path):
     """Same seed: the same trials with the same results, each with its own complete MLflow run. A trial
     that joined the stack late records where in the batch orders it started; trained alone from there,
     it gives its recorded result."""
@@ -63,7 +63,7 @@ def test_a_study_side_by_side_equals_the_study_one_at_a_time(data_slice, tensors
                {a.path for a in client.list_artifacts(reference.info.run_id)}
         if offsets[-1]:  # joined late: its recorded settings, trained alone, give its result
             cfg_used = config_from_params(run.data.params)
-            assert fit(build_model(0), tensors, cfg_used).best_val_accuracy == \
+            assert fit(build_model(0), Tensors.from_splits(data_slice[0]), cfg_used).best_val_accuracy == \
                 pytest.approx(ours.value, abs=2e-3)
             continue
         assert run.data.metrics["best_epoch"] == reference.data.metrics["best_epoch"]
