@@ -15,6 +15,10 @@ reports both: ``test_accuracy`` (the kept, best-validation model: what the run d
 Uncertainty: every test accuracy comes with its 95% Wilson interval (``test_ci_low``, ``test_ci_high``);
 when the runs repeat grid points over seeds, a second table shows each point's mean ± standard
 deviation over seeds and McNemar's paired test against the seed recipe (``pipeline.support.comparisons``).
+
+The model class's limit: a converged ``convex_optimum`` run anywhere in the store holds the best validation
+accuracy softmax regression reaches on its validation split (tag ``pipeline.val_digest``). A run chosen on
+the same split that validates higher is flagged (``above_limit``): it shows that limit to be wrong.
 """
 
 import datetime
@@ -25,9 +29,10 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 
+from pipeline.core.stats import above
 from pipeline.errors import PipelineError
 from pipeline.names import (LEADERBOARD_CSV, LEADERBOARD_MD, REPORT_CURVES, REPORT_FOLDER, ROLE_TAG, SEEDS_CSV,
-                            TRIAL_STATE_TAG)
+                            TRIAL_STATE_TAG, VAL_DIGEST_TAG)
 from pipeline.support import comparisons, figures
 
 KEY_PARAMS = ("lr", "epochs", "weight_decay", "patience", "input_dropout", "augment", "batch_size", "seed")
@@ -101,6 +106,38 @@ def leaderboard(runs: pd.DataFrame, run_curves: list[dict]) -> tuple[pd.DataFram
     return table.reset_index(drop=True), common
 
 
+def convex_limits() -> pd.DataFrame:
+    """The model class's limit on each validation split (index: the split's digest): the best validation
+    accuracy of a converged, finished ``convex_optimum`` run in any experiment of the store, and that run."""
+    runs = mlflow.search_runs(search_all_experiments=True,
+                              filter_string="metrics.optimum_converged = 1 AND attributes.status = 'FINISHED'")
+    digest = f"tags.{VAL_DIGEST_TAG}"
+    if runs.empty or digest not in runs:
+        return pd.DataFrame(columns=["limit", "limit_run_id"])
+    best = runs.dropna(subset=[digest]).sort_values("metrics.optimum_val_accuracy", ascending=False)
+    best = best.drop_duplicates(digest).set_index(digest)
+    return pd.DataFrame({"limit": best["metrics.optimum_val_accuracy"], "limit_run_id": best["run_id"]})
+
+
+def flag_above_limit(table: pd.DataFrame, runs: pd.DataFrame, limits: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Column ``above_limit`` where a run's validation split has a limit, and a note per beaten limit."""
+    digests = runs.get(f"tags.{VAL_DIGEST_TAG}", pd.Series(None, index=runs.index, dtype=object))
+    digest = table["run_id"].map(dict(zip(runs["run_id"], digests)))
+    limit = digest.map(limits["limit"])
+    if limit.isna().all():
+        return table, []
+    table = table.assign(above_limit=[above(v, lim) if pd.notna(lim) and pd.notna(v) else None
+                                      for v, lim in zip(table["best_val_accuracy"], limit)])
+    notes = []
+    for split, beating in table[table["above_limit"] == True].groupby(digest):  # noqa: E712 (None is neither)
+        notes.append(f"{len(beating)} run{'s' if len(beating) > 1 else ''} ({', '.join(beating['run'].astype(str))}) "
+                     f"validate{'' if len(beating) > 1 else 's'} above the model class's limit on the same validation "
+                     f"split (val {limits.loc[split, 'limit']:.4f}, convex_optimum run "
+                     f"{limits.loc[split, 'limit_run_id']}): that limit is wrong, a solve stopped short or its "
+                     "weight-decay grid is too coarse; rerun convex_optimum with a finer grid or more max_iter")
+    return table, notes
+
+
 def cell(value, column: str) -> str:
     """Accuracies to 4 decimals, seconds to 1, parameters (logged as text) to 4 significant digits."""
     if pd.isna(value):
@@ -122,7 +159,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 
 def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict, points: pd.DataFrame | None = None,
-                    notes: list[str] = ()) -> str:
+                    notes: list[str] = (), limit_notes: list[str] = ()) -> str:
     shown = table.drop(columns="run_id")
     lines = [f"# Report: {experiment_name}", "",
              f"{len(table)} run{'' if len(table) == 1 else 's'} in {mlflow.get_tracking_uri()}, generated "
@@ -134,6 +171,10 @@ def markdown_report(experiment_name: str, table: pd.DataFrame, common: dict, poi
               "its 95% Wilson interval; last_epoch_test_accuracy: the test curve's last epoch, where the run "
               "logged one. Sorted by best_val_accuracy: nothing is chosen by test accuracy. Curves: "
               "accuracy_curves.png.", ""]
+    if "above_limit" in table:
+        lines += ["above_limit: whether the run validates higher than the model class's limit (the best converged "
+                  "convex_optimum run in this store) on the same validation split; empty where that split has none.",
+                  ""] + [f"- **{note}**" for note in limit_notes] + ([""] if limit_notes else [])
     if points is not None:
         lines += seeds_section(points, notes)
     return "\n".join(lines)
@@ -159,12 +200,13 @@ def write_report(experiment_name: str, out_root: Path = Path("reports"),
     client = MlflowClient()
     run_curves = {run_id: curves(client, run_id) for run_id in runs["run_id"]}
     table, common = leaderboard(runs, [run_curves[r] for r in runs["run_id"]])
+    table, limit_notes = flag_above_limit(table, runs, convex_limits())
     points, notes = comparisons.by_point(runs, table), []
     if points is not None and experiment_name != reference:
         notes = comparisons.against_reference(points, runs, reference)
     directory = Path(out_root) / experiment_name
     directory.mkdir(parents=True, exist_ok=True)
-    markdown = markdown_report(experiment_name, table, common, points, notes)
+    markdown = markdown_report(experiment_name, table, common, points, notes, limit_notes)
     (directory / LEADERBOARD_MD).write_text(markdown)
     table.to_csv(directory / LEADERBOARD_CSV, index=False)
     if points is not None:
