@@ -17,6 +17,7 @@ so the numbers compare. Computed in float64: the gradient norm at the optimum is
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -101,14 +102,17 @@ def solve(x: torch.Tensor, y: torch.Tensor, weight_decay: float, max_iter: int, 
 
 
 def solve_path(x: torch.Tensor, y: torch.Tensor, weight_decays, max_iter: int, tolerance: float,
-               solved: list[Optimum] = ()) -> list[Optimum]:
+               solved: list[Optimum] = (), on_solved: Callable[[Optimum], None] | None = None) -> list[Optimum]:
     """Every weight decay's optimum, strongest first, each warm-started from the nearest stronger weight
-    decay solved so far (``solved``: optima computed before, e.g. on a coarser grid)."""
+    decay solved so far (``solved``: optima computed before, e.g. on a coarser grid). ``on_solved`` is
+    called with each optimum as soon as it is found (solves take minutes on the full data)."""
     done, optima = list(solved), []
     for wd in sorted(weight_decays, reverse=True):
         stronger = [o for o in done if o.weight_decay > wd]
         start = min(stronger, key=lambda o: o.weight_decay).model if stronger else None
         optimum = solve(x, y, wd, max_iter, tolerance, start)
+        if on_solved is not None:
+            on_solved(optimum)
         done.append(optimum)
         optima.append(optimum)
     return optima

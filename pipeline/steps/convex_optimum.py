@@ -82,14 +82,20 @@ def choose(table: pd.DataFrame) -> int:
     return int(candidates[candidates["val_accuracy"] == best]["weight_decay"].idxmax())
 
 
+def progress(optimum: convex.Optimum) -> None:
+    state = "converged" if optimum.converged else "NOT converged"
+    print(f"[convex_optimum] weight decay {optimum.weight_decay:.3g}: {state}, gradient norm "
+          f"{optimum.gradient_norm:.1e} after {optimum.iterations} iterations", flush=True)
+
+
 def solve_grids(cfg: ConvexConfig, x64, y, val) -> pd.DataFrame:
     """The grid's optima, then the finer pass's around the best, in one table (strongest first) with a
     column ``optimum`` holding the models."""
-    coarse = convex.solve_path(x64, y, cfg.weight_decays, cfg.max_iter, cfg.tolerance)
+    coarse = convex.solve_path(x64, y, cfg.weight_decays, cfg.max_iter, cfg.tolerance, on_solved=progress)
     table = optimum_table(coarse, (x64, y), val, "grid").assign(optimum=coarse)
     best = table.loc[choose(table), "weight_decay"]
     finer = convex.finer_grid(cfg.weight_decays, best, cfg.finer_per_decade)
-    refined = convex.solve_path(x64, y, finer, cfg.max_iter, cfg.tolerance, solved=coarse)
+    refined = convex.solve_path(x64, y, finer, cfg.max_iter, cfg.tolerance, solved=coarse, on_solved=progress)
     table = pd.concat([table, optimum_table(refined, (x64, y), val, "finer").assign(optimum=refined)])
     return table.sort_values("weight_decay", ascending=False).reset_index(drop=True)
 
