@@ -231,7 +231,7 @@ class ConvexConfig:
 
     weight_decays: tuple[float, ...] = setting((1e-2, 1e-3, 1e-4, 1e-5, 1e-6), "Weight decays (SGD's convention: "
                                                "objective mean CE + wd/2 ||params||^2) whose optimum is computed.")
-    max_iter: int = setting(1000, "L-BFGS iterations per weight decay, at most (each warm-starts from the nearest "
+    max_iter: int = setting(4000, "L-BFGS iterations per weight decay, at most (each warm-starts from the nearest "
                             "stronger one solved).", minimum=1)
     tolerance: float = setting(1e-6, "An optimum counts (converged) once the objective's gradient norm is at "
                                "most this.", above=0)
