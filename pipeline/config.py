@@ -261,11 +261,14 @@ class StabilityConfig:
 class ConvexConfig:
     """The convex optimum experiment (pipeline/steps/convex_optimum.py): full-batch L-BFGS per weight decay."""
 
-    weight_decays: tuple[float, ...] = setting((1e-3, 1e-4, 1e-5, 1e-6), "Weight decays (SGD's convention: "
+    weight_decays: tuple[float, ...] = setting((1e-2, 1e-3, 1e-4, 1e-5, 1e-6), "Weight decays (SGD's convention: "
                                                "objective mean CE + wd/2 ||params||^2) whose optimum is computed.")
-    max_iter: int = setting(150, "L-BFGS iterations per weight decay, at most (each warm-starts from the last).",
-                            minimum=1)
-    tolerance: float = setting(1e-5, "Stop once the objective's gradient norm is below this.", above=0)
+    max_iter: int = setting(4000, "L-BFGS iterations per weight decay, at most (each warm-starts from the nearest "
+                            "stronger one solved).", minimum=1)
+    tolerance: float = setting(1e-6, "An optimum counts (converged) once the objective's gradient norm is at "
+                               "most this.", above=0)
+    finer_per_decade: int = setting(3, "Then solve this many weight decays per decade between the grid's best and "
+                                    "its neighbours (0 = none).", minimum=0, why="0 skips the finer pass")
     study_storage: str = setting(DEFAULT_STORAGE, "Optuna storage of the study to compare with.")
     study_name: str = setting("", "Optuna study whose best trial is compared with the optimum; empty = none.")
 

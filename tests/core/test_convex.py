@@ -10,6 +10,7 @@ import textwrap
 import mlflow
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,11 +20,13 @@ from pipeline.config import ConvexConfig, DataConfig, TrainConfig
 from pipeline.core import convex
 from pipeline.core.metrics import predict_logits
 from pipeline.core.models import build_model
-from pipeline.core.splits import prepare_splits
+from pipeline.core.splits import array_digest, prepare_splits
+from pipeline.core.stats import accuracy_with_interval
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError
 from pipeline.experiment_files.spec import load_spec
-from pipeline.names import CONVEX_SUMMARY_TAG, MODEL_URI_ATTR
+from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR, VAL_DIGEST_TAG
+from pipeline.steps.convex_optimum import choose, doubts, optimum_line, optimum_table
 from pipeline.steps.experiment import run_experiment
 from pipeline.tracking.safe_loading import load_model
 
@@ -81,6 +84,67 @@ def test_lbfgs_finds_the_optimum_and_beats_sgd(slice_tensors):
 
 
 @pytest.mark.slow
+def test_the_solve_reaches_a_tight_tolerance_and_leaves_the_thread_count_alone(slice_tensors):
+    """Near the optimum the mean loss's curvature pairs fall below torch's fixed s.y threshold: L-BFGS
+    must still reach 1e-8 (the oracle: autograd on the objective written out here), well within its cap."""
+    x, y = slice_tensors.train_pixels()
+    x64 = x.double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)  # a count the solver has no reason to choose
+    try:
+        optimum = convex.solve(x64, y, 1e-2, max_iter=300, tolerance=1e-8)
+        assert torch.get_num_threads() == threads + 1  # the command's business, not the solver's
+    finally:
+        torch.set_num_threads(threads)
+    weight, bias = optimum.model[1].weight, optimum.model[1].bias
+    loss = F.cross_entropy(x64.flatten(1) @ weight.T + bias, y) + 1e-2 / 2 * (weight.pow(2).sum() + bias.pow(2).sum())
+    grads = torch.autograd.grad(loss, [weight, bias])
+    norm = torch.cat([g.flatten() for g in grads]).norm().item()
+    assert optimum.converged and norm <= 1e-8 and optimum.gradient_norm == pytest.approx(norm, rel=1e-6)
+    assert optimum.iterations < 300
+
+
+@pytest.mark.slow
+def test_a_capped_solve_is_not_converged_and_never_the_limit(slice_tensors):
+    """Stopped early, L-BFGS regularises like early stopping and can validate higher than a true optimum:
+    it is reported as not converged, and the converged optimum is chosen all the same."""
+    x, y = slice_tensors.train_pixels()
+    x64 = x.double()
+    converged = convex.solve(x64, y, 1e-2, max_iter=300, tolerance=1e-6)
+    capped = convex.solve(x64, y, 1e-3, max_iter=40, tolerance=1e-6)
+    assert converged.converged and not capped.converged and capped.iterations == 40
+    assert capped.gradient_norm > 1e-6
+    table = optimum_table([converged, capped], (x64, y), slice_tensors.val, "grid")
+    assert table.loc[1, "val_accuracy"] > table.loc[0, "val_accuracy"]  # the trap: the capped one looks better
+    chosen = table.loc[choose(table)]
+    assert chosen["weight_decay"] == 1e-2 and chosen["converged"]
+    cfg = ConvexConfig(weight_decays=(1e-2, 1e-3), max_iter=40, tolerance=1e-6)
+    unconverged, edge = doubts(cfg, table, chosen)
+    assert unconverged.startswith("weight decay 0.001 did not converge") and "raise max_iter" in unconverged
+    assert edge.startswith("the chosen weight decay 0.01 is at the end of the grid")  # the stronger side is unknown
+
+    # with no converged optimum, the best unconverged one is chosen, and plainly not called the limit
+    table = optimum_table([capped], (x64, y), slice_tensors.val, "grid")
+    chosen = table.loc[choose(table)]
+    test_x, test_y = slice_tensors.test
+    test = accuracy_with_interval(test_y.numpy(), capped.model(test_x.double()).argmax(1).numpy())
+    line = optimum_line(cfg, chosen, test)
+    assert line.startswith("NOT CONVERGED, no limit") and "the model class's limit" not in line
+
+
+def test_the_finer_grid_has_three_points_a_decade_around_the_best():
+    grid = [1e-2, 1e-3, 1e-4, 1e-5]
+    # the oracle: numpy's log-spaced grid, 3 to a decade, from the best's weaker to its stronger neighbour
+    expected = [w for w in np.logspace(-4, -2, 7)[1:-1] if not np.isclose(w, 1e-3)]  # new ones only
+    np.testing.assert_allclose(sorted(convex.finer_grid(grid, 1e-3, 3)), expected, rtol=1e-12)
+    # at the grid's end, only the side inside it; uneven neighbours get as many points as they need
+    np.testing.assert_allclose(sorted(convex.finer_grid(grid, 1e-2, 3)), np.logspace(-3, -2, 4)[1:-1], rtol=1e-12)
+    np.testing.assert_allclose(sorted(convex.finer_grid([1e-1, 1e-3], 1e-1, 3)), np.logspace(-3, -1, 7)[1:-1],
+                               rtol=1e-12)
+    assert convex.finer_grid(grid, 1e-3, 0) == [] and convex.finer_grid([0.0, 1e-3], 0.0, 3) == []
+
+
+@pytest.mark.slow
 def test_the_path_is_solved_strongest_decay_first(slice_tensors):
     x, y = slice_tensors.train_pixels()
     optima = convex.solve_path(x.double(), y, [1e-4, 1e-2, 1e-3], max_iter=300, tolerance=1e-6)
@@ -107,7 +171,7 @@ CONVEX = """
     experiment: small-convex
     entry_point: convex_optimum
     data: {{limit: {limit}}}
-    params: {{weight_decays: [1.0e-2, 1.0e-3], max_iter: 40, study_name: small,
+    params: {{weight_decays: [1.0e-1, 1.0e-2, 1.0e-3], max_iter: 300, study_name: small,
               study_storage: "sqlite:///optuna.db"}}
 """
 
@@ -146,6 +210,23 @@ def test_the_optimum_against_a_real_study(tmp_path, mlflow_store, real_data_dir)
     history = MlflowClient().get_metric_history(run_id, "convex_val_accuracy")
     assert metrics["optimum_val_accuracy"] == max(m.value for m in history)  # chosen by validation
     assert f"study 'small' best trial {best.number}" in run.data.tags[CONVEX_SUMMARY_TAG]
+
+    # every optimum converged, so the chosen one is the limit; the finer pass put 3 weight decays a decade
+    # between the best of the grid and its neighbours
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=CONVEX_TABLE))
+    assert table["converged"].all() and (table["gradient_norm"] <= ConvexConfig().tolerance).all()
+    assert metrics["optimum_converged"] == 1
+    assert "the model class's limit: weight decay" in run.data.tags[CONVEX_SUMMARY_TAG]
+    grid = table[table["grid"] == "grid"]
+    best_wd = grid.loc[grid["val_accuracy"].idxmax(), "weight_decay"]
+    decays = table["weight_decay"]
+    around = np.log10(decays[(decays >= best_wd / 10) & (decays <= best_wd * 10)])
+    assert len(around) >= 5 and (np.abs(np.diff(around)) <= 1 / 3 + 1e-9).all()
+    # the limit holds on this validation split, and the study's trials above it are counted (oracle: Optuna)
+    assert run.data.tags[VAL_DIGEST_TAG] == array_digest(splits.val_x, splits.val_y)
+    finished = optuna.load_study(study_name="small", storage="sqlite:///optuna.db").get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))
+    assert metrics["study_trials_above_limit"] == sum(t.value > val + 1e-6 for t in finished)
 
     # a study on other data (400 images per split, here 401) is refused, and the run ends FAILED
     with pytest.raises(PipelineError, match="the study ran on other data"):

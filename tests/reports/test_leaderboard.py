@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 from pipeline.experiment_files.spec import load_spec
 from pipeline.names import MODEL_URI_TAG, ROLE_TAG
 from pipeline.steps.experiment import run_experiment
-from pipeline.steps.report import write_report
+from pipeline.reports.leaderboard import write_report
 from pipeline.tracking.safe_loading import load_model
 
 LIMIT = 400
@@ -109,3 +109,45 @@ def test_a_parameter_that_only_left_out_runs_logged_is_not_reported(mlflow_store
     report = write_report("mixed", tmp_path / "reports")
     assert list(report["table"]["run"]) == ["compared"] and "lr" not in report["table"]
     assert "Parameters shared by all runs" not in report["markdown"]
+
+
+TRAINED = """
+    experiment: trained
+    entry_point: train
+    data: {{limit: {limit}}}
+    params: {{epochs: 20, patience: 0}}
+    grid:
+      - {{lr: [0.5, 0.001]}}
+"""
+# a limit from a grid far too coarse: one heavy weight decay, solved exactly
+COARSE_LIMIT = """
+    experiment: limit
+    entry_point: convex_optimum
+    data: {limit: 400}
+    params: {weight_decays: [1.0], finer_per_decade: 0, max_iter: 300}
+"""
+
+
+@pytest.mark.slow
+def test_runs_above_the_limit_on_the_same_split_are_flagged(mlflow_store, real_data_dir, tmp_path):
+    def run(name, text):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(textwrap.dedent(text))
+        return run_experiment(load_spec(path))["run_ids"]
+
+    (limit_run,) = run("limit", COARSE_LIMIT)
+    same, other = run("same", TRAINED.format(limit=400)), run("other", TRAINED.format(limit=401))
+    metrics = MlflowClient().get_run(limit_run).data.metrics
+    assert metrics["optimum_converged"] == 1
+    limit = metrics["optimum_val_accuracy"]
+
+    report = write_report("trained", tmp_path / "reports")
+    table = report["table"].set_index("run_id")
+    val = table["best_val_accuracy"]
+    # lr 0.5 beats this limit and lr 0.001 does not, on 400 validation images and on 401 alike
+    assert [val[r] > limit for r in same] == [val[r] > limit for r in other] == [True, False]
+    assert [table.loc[r, "above_limit"] for r in same] == [True, False]
+    assert all(table.loc[r, "above_limit"] is None for r in other)  # another validation split: no limit
+    (note,) = [line for line in report["markdown"].splitlines() if "above the model class's limit" in line]
+    assert f"val {limit:.4f}, convex_optimum run {limit_run}" in note and "that limit is wrong" in note
+    assert pd.read_csv(tmp_path / "reports" / "trained" / "leaderboard.csv")["above_limit"].sum() == 1

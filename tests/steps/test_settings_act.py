@@ -33,7 +33,8 @@ def test_main_refuses_settings_that_would_not_act(args, message, new_mlflow_stor
 # main under `mlflow run`, end to end
 
 
-# (main with trials=0 and -P lr=0.3: tests/steps/test_main.py's scenario, test_main_records_the_settings_it_trained_with)
+# (main with trials=0 and -P lr=0.3: tests/steps/test_main.py's scenario,
+# test_main_records_the_settings_it_trained_with)
 SCENARIO = {"refused": ["lr=0.5"], "study": ["trials=2"]}
 
 
