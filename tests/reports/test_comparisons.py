@@ -14,8 +14,8 @@ from pipeline.core.metrics import predict_logits
 from pipeline.core.splits import prepare_splits
 from pipeline.experiment_files.spec import load_spec
 from pipeline.names import MODEL_URI_TAG, POINT_TAG, SEED_TAG
-from pipeline.steps.experiment import run_experiment
 from pipeline.reports.leaderboard import write_report
+from pipeline.steps.experiment import run_experiment
 from pipeline.tracking.safe_loading import load_model
 
 LIMIT = 400

@@ -15,8 +15,8 @@ from pipeline.core.splits import prepare_splits
 from pipeline.errors import PipelineError
 from pipeline.experiment_files.spec import load_spec
 from pipeline.names import MODEL_URI_TAG, ROLE_TAG
-from pipeline.steps.experiment import run_experiment
 from pipeline.reports.leaderboard import write_report
+from pipeline.steps.experiment import run_experiment
 from pipeline.tracking.safe_loading import load_model
 
 LIMIT = 400
