@@ -32,7 +32,7 @@ from pipeline.errors import (
 )
 
 COMMANDS = {  # name -> (the module of the step that defines it, what it does in one line)
-    "locate-data": ("pipeline.steps.prepare", "Find the raw Fashion-MNIST files and print where they are."),
+    "locate-data": ("pipeline.steps.locate_data", "Find the raw Fashion-MNIST files and print where they are."),
     "prepare": ("pipeline.steps.prepare", "Find, check and split the data; log it to MLflow."),
     "train": ("pipeline.steps.train", "Train the model once and log its curves and the model."),
     "evaluate": ("pipeline.steps.evaluate", "Evaluate a logged model on the untouched test split."),

@@ -11,7 +11,6 @@ import pandas as pd
 
 from pipeline.config import DataConfig
 from pipeline.core import figures
-from pipeline.core.idx import locate_raw_files
 from pipeline.core.splits import SPLITS, Splits, prepare_splits
 from pipeline.names import CACHE_KEY_TAG, CACHE_REUSED_TAG, CLASS_COUNTS, PREPARED_ARTIFACT, SAMPLES_FIGURE
 from pipeline.steps.options import make_config, options_from
@@ -43,11 +42,3 @@ def prepare_command(**options):
         splits = prepare(cfg)
     sizes = ", ".join(f"{s} {len(splits.arrays(s)[1])}" for s in SPLITS)
     click.echo(f"prepared {sizes}; data URI: runs:/{run.info.run_id}/{PREPARED_ARTIFACT}")
-
-
-@click.command("locate-data")
-@click.option("--data-dir", default="", help="Folder to check first.")
-def locate_data_command(data_dir):
-    """Downloads them with torchvision if none of the usual places has them."""
-    found = locate_raw_files(data_dir)
-    click.echo(f"Fashion-MNIST raw files: {found['train_images'].parent}")

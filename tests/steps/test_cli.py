@@ -6,6 +6,8 @@ against the single source: same names, same types, same defaults, and each passe
 
 import math
 import shlex
+import subprocess
+import sys
 
 import click
 import pytest
@@ -66,3 +68,15 @@ def test_options_carry_the_dataclass_help_and_default():
     lr = option_for(TrainConfig.__dataclass_fields__["lr"])(lambda **_: None).__click_params__[0]
     assert lr.opts == ["--lr"] and lr.default == TrainConfig().lr and lr.help == "SGD learning rate."
     assert lr.type is click.FLOAT
+
+
+@pytest.mark.parametrize("args", [["--help"], ["report", "--help"], ["locate-data"]])
+def test_help_and_the_light_commands_start_without_pytorch(args):
+    """``--help`` lists the commands without importing them; report and locate-data need no PyTorch."""
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom pipeline.cli import cli\n"
+            f"result = CliRunner().invoke(cli, {args!r})\n"
+            "assert result.exit_code == 0, result.output\n"
+            "print(sorted(m for m in ('torch', 'optuna') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
