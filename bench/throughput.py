@@ -269,14 +269,14 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
         "epoch_time_ratio_x": median(book["epoch_s"]) / epoch_off,
         "tracking_cost_per_epoch_pct": 100 * tracking_cost,
         "tracking_cost_per_run_s": median(per_run_tracking),
-        # the same cost timed directly: one log_epoch call, as steps.train makes it and asynchronously
+        # the same cost timed directly: one log_epoch call, as tracking.training makes it and asynchronously
         "log_epoch_sync_ms": 1000 * median(log_epoch["synchronous"]),
         "log_epoch_async_ms": 1000 * median(log_epoch["asynchronous"]),
         "book_epochs_timed": len(book["epoch_s"]), "project_epochs_timed": len(untracked), "rounds": rounds,
     }, note=(
         f"medians over epochs; both sides train on {n_train:,} images and validate on {n_val:,} "
         f"(reference: seeded Subsets of torchvision's training set, DataLoader batch {cfg.batch_size}, "
-        f"shuffled, {BOOK_WORKERS} workers; the first, set-up-laden epoch of each fit/steps.train call is "
+        f"shuffled, {BOOK_WORKERS} workers; the first, set-up-laden epoch of each fit/tracking.training.train call is "
         "dropped; the project's measurements alternate over rounds)"
     ))
     throughput.check("speedup", speedup, 20, True, "project training pass >= 20x the book's images/s")

@@ -3,7 +3,8 @@
 ``mlflow models serve`` loads a model through its ``python_function`` flavor, which imports the module that
 flavor names (from the model's own ``code`` folder, if it ships one), and it answers whatever the model
 accepts: NaN, infinite or 0-255 pixels get HTTP 200 and predictions that mean nothing. Here the model is
-loaded by the project's own loader (``safe_models``: its folder checked before anything in it is read)
+loaded by the project's own loader (``pipeline.tracking.safe_loading``: its folder checked before anything
+in it is read)
 and handed to MLflow's own scoring server (``mlflow.pyfunc.scoring_server``: ``/ping``, ``/health``,
 ``/version``, ``/invocations``, the same JSON in and out), behind a ``predict`` that answers HTTP 400 to
 anything but a batch of images: float (N, 1, 28, 28), finite, within [0, 1].

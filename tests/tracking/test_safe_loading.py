@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 
 from pipeline.core.models import build_model
 from pipeline.names import CHAMPION, MODEL_NAME
-from pipeline.tracking import safe_loading as safe_models
+from pipeline.tracking import safe_loading
 from pipeline.tracking.logged_models import model_signature
 from pipeline.tracking.safe_loading import load_model
 from tests.fault_helpers import error_line, run_cli, run_in_process, run_statuses
@@ -93,7 +93,7 @@ def test_evaluate_and_predict_refuse_the_hostile_champion_without_running_it(hos
 def test_refused_even_with_pickle_allowed_in_the_environment(hostile_champion, monkeypatch):
     # The user's environment cannot switch the check off: the folder is refused before MLflow sees it.
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
-    with pytest.raises(safe_models.PipelineError, match="refusing.*model.pth"):
+    with pytest.raises(safe_loading.PipelineError, match="refusing.*model.pth"):
         load_model(CHAMPION_URI)
     assert not hostile_champion.exists()
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # restored after the load
@@ -104,7 +104,7 @@ def test_a_model_folder_shipping_code_is_refused(mlflow_store, tmp_path):
     (folder / "data").mkdir(parents=True)
     (folder / "data" / "model.pt2").write_bytes(b"not read")
     (folder / "MLmodel").write_text("flavors:\n  pytorch:\n    model_data: data\n    code: code\n")
-    with pytest.raises(safe_models.PipelineError, match="ships its own code"):
+    with pytest.raises(safe_loading.PipelineError, match="ships its own code"):
         load_model(str(folder))
 
 
@@ -217,7 +217,7 @@ def symlinked_data(folder: Path) -> None:
 
 def oversized(folder: Path) -> None:
     with open(folder / "input_example.json", "wb") as f:  # sparse: takes no room on disk
-        f.truncate(safe_models.MAX_MODEL_BYTES + 1)
+        f.truncate(safe_loading.MAX_MODEL_BYTES + 1)
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -239,7 +239,7 @@ def oversized(folder: Path) -> None:
 def test_a_model_folder_unlike_ours_is_refused(saved_model, tmp_path, change, expected):
     folder = Path(shutil.copytree(saved_model, tmp_path / "model"))
     change(folder)
-    with pytest.raises(safe_models.PipelineError, match="refusing to load model") as refusal:
+    with pytest.raises(safe_loading.PipelineError, match="refusing to load model") as refusal:
         load_model(str(folder))
     assert expected in refusal.value.message
 
@@ -287,7 +287,7 @@ def test_a_registered_version_whose_source_is_a_system_folder_is_refused_before_
                                  "s3://bucket/model", "file:///etc"])
 def test_an_unsupported_uri_gets_one_line_naming_the_forms(mlflow_store, uri):
     line = error_line(run_in_process("predict", "--model-uri", uri, "--test", "1"))
-    assert f"URIs are not supported; use {safe_models.URI_FORMS}" in line and line.count("Error") == 1
+    assert f"URIs are not supported; use {safe_loading.URI_FORMS}" in line and line.count("Error") == 1
 
 
 # ---------------------------------------------------------------------------------------------------
