@@ -270,15 +270,15 @@ def train_alone(worker: Worker, run: TrialRun) -> None:
     """Train one trial as the ``train`` command would, its run the active one; close it by its outcome."""
     mlflow.start_run(run_id=run.run_id, nested=True)
     try:
-        result, model_info = train(run.cfg, worker.splits, worker.tensors, progress=False,
-                                   on_epoch=lambda metrics: report_epoch(worker, run, metrics))
-    except (optuna.TrialPruned, DivergedError) as outcome:
-        close_trial(worker, run, outcome)
-    except BaseException as e:
+        try:
+            outcome, model_info = train(run.cfg, worker.splits, worker.tensors, progress=False,
+                                        on_epoch=lambda metrics: report_epoch(worker, run, metrics))
+        except (optuna.TrialPruned, DivergedError) as stopped:
+            outcome, model_info = stopped, None
+        close_trial(worker, run, outcome, model_info)
+    except BaseException as e:  # in training or in closing (the storage may fail at the last write)
         fail_trials(worker, [run], e)
         raise
-    else:
-        close_trial(worker, run, result, model_info)
 
 
 def wait_for_running_trials(worker: Worker, poll_seconds: float = 1.0) -> bool:
