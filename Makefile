@@ -46,21 +46,23 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not real_data"
 
-# MLflow 3.17's UI opens on its GenAI pages unless told "machine_learning" (or "Model training" is clicked)
-UI_HINT = @echo "Open http://$(1)/\#/experiments?workflowType=machine_learning"
+# The MLflow UI on this machine's store (./mlflow.db) at http://127.0.0.1:$(PORT). Its start page opens an
+# experiment on MLflow 3's GenAI overview: `ui-url` prints the link to the experiment's runs table instead.
+HOST ?= 127.0.0.1
+PORT ?= 5000
 ui: $(STAMP)
-	$(call UI_HINT,127.0.0.1:5000)
-	$(VENV)/bin/mlflow ui --port 5000
+	@$(PY) -m pipeline ui-url --port $(PORT)
+	$(VENV)/bin/mlflow ui --port $(PORT)
 
 # A tracking server for this machine: runs in ./mlflow.db, artifacts kept in ./mlartifacts and served
 # over HTTP, so commands need only MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (docs/several-machines.md).
 # HOST=0.0.0.0 opens it to other machines; BACKEND_STORE=postgresql://... for a database server.
-HOST ?= 127.0.0.1
-PORT ?= 5000
+# The link to the runs comes from the server once it answers (`ui-url` beside it, through the server, so
+# that an experiment it creates keeps its artifacts on the server); the server runs in the foreground.
 BACKEND_STORE ?= sqlite:///mlflow.db
 ARTIFACTS ?= ./mlartifacts
 server: $(STAMP)
-	$(call UI_HINT,$(HOST):$(PORT))
+	@MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(HOST)),127.0.0.1,$(HOST)):$(PORT) $(PY) -m pipeline ui-url --host $(HOST) --port $(PORT) --wait 120 &
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE) --serve-artifacts \
 	  --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
 
