@@ -231,7 +231,8 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     experiment_id = mlflow.active_run().info.experiment_id
     with identical_steps_one_at_a_time(experiment_id, "register", {"model": MODEL_NAME}, ""):
         decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
-    return {**headline, "model_uri": model_uri, "registry": decision}
+    study = {"study_name": study_name} if cfg.trials > 0 else {}
+    return {**headline, "model_uri": model_uri, "registry": decision, **study}
 
 
 def refuse_idle_settings(given: set[str], trials: int) -> None:
@@ -265,3 +266,5 @@ def main_command(**options):
     click.echo(f"best val accuracy {result['best_val_accuracy']:.4f}, test accuracy {format_interval(result)}; "
                f"model {result['model_uri']}; registry: {result['registry']['reason']}")
     click.echo(f"runs: {runs_url(run.info.experiment_id)}")
+    if cfg.trials > 0:
+        click.echo(f"the study's runs: {runs_url(run.info.experiment_id, result['study_name'])}")

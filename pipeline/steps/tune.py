@@ -6,7 +6,7 @@ import mlflow
 
 from pipeline.config import DataInput, SearchSpace, TuneConfig
 from pipeline.steps.options import make_config, options_from
-from pipeline.tracking.experiments import runs_url, study_filter
+from pipeline.tracking.experiments import runs_url
 from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.stores import open_tracking_store
 from pipeline.tuning.record import describe
@@ -22,4 +22,4 @@ def tune_command(data, **options):
     # system metrics (CPU, memory, disk, network: system/* every 10 s, psutil) show what a long study used
     with mlflow.start_run(run_name=f"tune {cfg.study_name}", log_system_metrics=True) as run:
         study, tested = run_and_test_study(cfg, space, data)
-    click.echo(describe(study, tested, runs_url(run.info.experiment_id, study_filter(cfg.study_name))))
+    click.echo(describe(study, tested, runs_url(run.info.experiment_id, cfg.study_name)))

@@ -93,10 +93,15 @@ def study_filter(study_name: str) -> str:
     return f"tags.{STUDY_TAG} = '{study_name}'"
 
 
-def runs_url(experiment_id: str, search: str = "", ui: str = "") -> str:
-    """The address of the experiment's runs table in the MLflow UI, filtered by ``search`` if given.
+def runs_url(experiment_id: str, study_name: str = "", ui: str = "") -> str:
+    """The address of the experiment's runs table in the MLflow UI; with ``study_name``, of the study's runs,
+    best validation accuracy first.
 
     The experiments list (``/#/experiments``) opens an experiment on MLflow 3's GenAI overview; this
-    link opens the training runs, with the UI told the experiment is machine learning."""
-    query = {"workflowType": UI_WORKFLOW, **({"searchFilter": search} if search else {})}
+    link opens the training runs, with the UI told the experiment is machine learning. The UI nests
+    child runs (the trials) under their parent unless the table is sorted by something other than time."""
+    query = {"workflowType": UI_WORKFLOW}
+    if study_name:
+        query.update(searchFilter=study_filter(study_name), orderByKey="metrics.`best_val_accuracy`",
+                     orderByAsc="false")
     return f"{ui or ui_address()}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
