@@ -19,7 +19,8 @@ from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 
-from pipeline.names import STUDY_TAG, TRIAL_STATE_TAG
+from pipeline.names import EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, STUDY_TAG, TRAINING_KIND, TRIAL_STATE_TAG
+from tests.fault_helpers import error_line, run_cli
 from tests.helpers import child_env, free_port, make, stop_process_group
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -122,3 +123,19 @@ def test_the_printed_links_show_the_study_trials_and_compare_a_pruned_one(browse
         assert "Parallel Coordinates Plot" in text and "Run details" in text
     finally:
         stop_process_group(server)
+
+
+def test_ui_url_on_a_new_store_creates_the_experiment_and_prints_its_runs_link(new_mlflow_store):
+    done = run_cli(child_env(new_mlflow_store), "ui-url", "--port", "5002")
+    assert done.returncode == 0, done.stderr
+    experiment = MlflowClient().get_experiment_by_name(EXPERIMENT_NAME)
+    assert experiment.tags[EXPERIMENT_KIND_TAG] == TRAINING_KIND  # the UI opens it on the training runs
+    link = f"http://127.0.0.1:5002/#/experiments/{experiment.experiment_id}/runs?workflowType=machine_learning"
+    assert done.stdout.startswith(f"Open {link}  (experiment '{EXPERIMENT_NAME}')"), done.stdout
+
+
+def test_ui_url_waits_for_a_server_then_names_the_one_it_did_not_find():
+    port = free_port()  # nothing listens there
+    done = run_cli(child_env(f"http://127.0.0.1:{port}"), "ui-url", "--wait", "2")
+    assert done.returncode != 0
+    assert error_line(done).startswith(f"Error: no MLflow server answered at http://127.0.0.1:{port} within 2 s")
