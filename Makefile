@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run   - create .venv, install, make sure the data is there, run the whole pipeline
-#   make test  - the same set-up, then the test suite (what CI runs)
+#   make test  - the same set-up, plus what the tests use (PostgreSQL, Chromium), then the test suite
+#                (all that CI runs)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ EXPERIMENT_ARGS := $(if $(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--expe
 # MLproject commands call `python`: make it the one in .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test test-fast lint data ui server serve bench clean
+.PHONY: run test test-fast lint data test-tools ui server serve bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,19 @@ run: data
 	$(PY) -m pipeline create-store
 	$(VENV)/bin/mlflow run . --env-manager local $(EXPERIMENT_ARGS) $(MLFLOW_ARGS)
 
-test: data lint
+# What the tests use beyond the data, from Debian's packages when missing: PostgreSQL's server (the tests
+# start throwaway ones on loopback), Chromium and its driver (the test that opens the UI's links)
+TEST_TOOLS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver
+test-tools:
+	@need=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="postgresql"; \
+	for tool in $(TEST_TOOLS); do [ -x "$${tool%%:*}" ] || need="$$need $${tool##*:}"; done; \
+	if [ -n "$$need" ]; then \
+	  echo "Installing Debian's $$need"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$need; \
+	fi
+
+test: data test-tools lint
 	$(PY) -m pytest -q -ra
 
 # Style and errors (ruff), the layers of the package (import-linter), declared dependencies (deptry)
