@@ -89,7 +89,7 @@ def describe(study: optuna.Study, tested: dict | None, runs_url: str) -> str:
              f"best trial {best.number}: val accuracy {best.value:.4f} with {params}",
              f"  model {best.user_attrs[MODEL_URI_ATTR]}"]
     if tested is None:
-        lines.append("  not tested, not registered (test_best is off)")
+        lines.append("  not tested or registered here (--test-best false)")
     else:
         decision = tested["registry"]
         verdict = "promoted" if decision["promoted"] else "not promoted"
