@@ -7,6 +7,7 @@ made (empty, marked as model training) if the store has none yet, so the link wo
 the server creates keeps its artifacts on the server.
 """
 
+import socket
 import time
 import urllib.request
 
@@ -46,5 +47,7 @@ def ui_url_command(**options):
     wait_for_server(ui.wait)
     open_tracking_store()
     experiment = chosen_experiment()
-    click.echo(f"Open {runs_url(experiment.experiment_id, ui=f'http://{ui.host}:{ui.port}')}  "
+    # a server listening on every address (HOST=0.0.0.0) is reached from other machines by this one's name
+    host = socket.getfqdn() if ui.host in ("0.0.0.0", "::") else ui.host
+    click.echo(f"Open {runs_url(experiment.experiment_id, ui=f'http://{host}:{ui.port}')}  "
                f"(experiment {experiment.name!r})")
