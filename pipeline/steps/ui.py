@@ -48,6 +48,6 @@ def ui_url_command(**options):
     open_tracking_store()
     experiment = chosen_experiment()
     # a server listening on every address (HOST=0.0.0.0) is reached from other machines by this one's name
-    host = socket.getfqdn() if ui.host in ("0.0.0.0", "::") else ui.host
+    host = socket.gethostname() if ui.host in ("0.0.0.0", "::") else ui.host
     click.echo(f"Open {runs_url(experiment.experiment_id, ui=f'http://{host}:{ui.port}')}  "
                f"(experiment {experiment.name!r})")
