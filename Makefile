@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make run   - create .venv, install, make sure the data is there, run the whole pipeline
-#   make test  - the same set-up, then the test suite (what CI runs)
+#   make test  - the same set-up, plus what the tests use (PostgreSQL, Chromium), then the test suite
+#                (all that CI runs)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ EXPERIMENT_ARGS := $(if $(MLFLOW_EXPERIMENT_NAME)$(MLFLOW_EXPERIMENT_ID),,--expe
 # MLproject commands call `python`: make it the one in .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: run test test-fast lint data ui server serve bench clean
+.PHONY: run test test-fast lint data test-tools ui server serve bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,19 @@ run: data
 	$(PY) -m pipeline create-store
 	$(VENV)/bin/mlflow run . --env-manager local $(EXPERIMENT_ARGS) $(MLFLOW_ARGS)
 
-test: data lint
+# What the tests use beyond the data, from Debian's packages when missing: PostgreSQL's server (the tests
+# start throwaway ones on loopback), Chromium and its driver (the test that opens the UI's links)
+TEST_TOOLS := /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver
+test-tools:
+	@need=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="postgresql"; \
+	for tool in $(TEST_TOOLS); do [ -x "$${tool%%:*}" ] || need="$$need $${tool##*:}"; done; \
+	if [ -n "$$need" ]; then \
+	  echo "Installing Debian's $$need"; \
+	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$need; \
+	fi
+
+test: data test-tools lint
 	$(PY) -m pytest -q -ra
 
 # Style and errors (ruff), the layers of the package (import-linter), declared dependencies (deptry)
@@ -46,21 +59,23 @@ lint: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not real_data"
 
-# MLflow 3.17's UI opens on its GenAI pages unless told "machine_learning" (or "Model training" is clicked)
-UI_HINT = @echo "Open http://$(1)/\#/experiments?workflowType=machine_learning"
+# The MLflow UI on this machine's store (./mlflow.db) at http://127.0.0.1:$(PORT). Its start page opens an
+# experiment on MLflow 3's GenAI overview: `ui-url` prints the link to the experiment's runs table instead.
+HOST ?= 127.0.0.1
+PORT ?= 5000
 ui: $(STAMP)
-	$(call UI_HINT,127.0.0.1:5000)
-	$(VENV)/bin/mlflow ui --port 5000
+	@$(PY) -m pipeline ui-url --port $(PORT)
+	$(VENV)/bin/mlflow ui --port $(PORT)
 
 # A tracking server for this machine: runs in ./mlflow.db, artifacts kept in ./mlartifacts and served
 # over HTTP, so commands need only MLFLOW_TRACKING_URI=http://127.0.0.1:5000 (docs/several-machines.md).
 # HOST=0.0.0.0 opens it to other machines; BACKEND_STORE=postgresql://... for a database server.
-HOST ?= 127.0.0.1
-PORT ?= 5000
+# The link to the runs comes from the server once it answers (`ui-url` beside it, through the server, so
+# that an experiment it creates keeps its artifacts on the server); the server runs in the foreground.
 BACKEND_STORE ?= sqlite:///mlflow.db
 ARTIFACTS ?= ./mlartifacts
 server: $(STAMP)
-	$(call UI_HINT,$(HOST):$(PORT))
+	@MLFLOW_TRACKING_URI=http://$(if $(filter 0.0.0.0,$(HOST)),127.0.0.1,$(HOST)):$(PORT) $(PY) -m pipeline ui-url --host $(HOST) --port $(PORT) --wait 120 &
 	$(VENV)/bin/mlflow server --backend-store-uri $(BACKEND_STORE) --serve-artifacts \
 	  --artifacts-destination $(ARTIFACTS) --host $(HOST) --port $(PORT) $(SERVER_ARGS)
 

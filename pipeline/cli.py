@@ -43,9 +43,10 @@ COMMANDS = {  # name -> (the module of the step that defines it, what it does in
     "predict": ("pipeline.steps.predict", "The most likely classes of image files or test images."),
     "serve": ("pipeline.steps.serve", "Serve a logged model over HTTP (MLflow's scoring protocol)."),
     "create-store": ("pipeline.steps.store", "Create the MLflow store and experiment (before several `mlflow run`)."),
+    "ui-url": ("pipeline.steps.ui", "Print the link to the experiment's runs in the MLflow UI."),
 }
 # Commands whose runs go to the project's MLflow experiment (``experiment`` and ``report`` name their own)
-IN_PROJECT_EXPERIMENT = {"prepare", "train", "evaluate", "tune", "main", "create-store"}
+IN_PROJECT_EXPERIMENT = {"prepare", "train", "evaluate", "tune", "main", "create-store", "ui-url"}
 
 
 class LazyGroup(click.Group):

@@ -131,6 +131,19 @@ class ServeConfig:
         check(field_problems(self))
 
 
+@dataclass(frozen=True)
+class UiConfig:
+    """Where the MLflow UI answers (``make ui``, ``make server``): the address the printed links open."""
+
+    host: str = setting("127.0.0.1", "Address of the MLflow UI (make server HOST=...).")
+    port: int = setting(5000, "Port of the MLflow UI (make server PORT=...).", minimum=1, below=65536)
+    wait: int = setting(0, "Seconds to wait for the tracking server at MLFLOW_TRACKING_URI=http://... to "
+                        "answer (make server starts it alongside).", minimum=0)
+
+    def validate(self) -> None:
+        check(field_problems(self))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tuning (pipeline/steps/tune.py)
 

@@ -16,6 +16,7 @@ SPLIT_CHAMPION = CHAMPION + "-{}"  # alias of the best version among those valid
 EXPERIMENT_NAME = "fashion-mnist-softmax"  # runs go here unless MLFLOW_EXPERIMENT_NAME / _ID say otherwise
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow's own tag: what the UI opens an experiment on
 TRAINING_KIND = "custom_model_development"  # opens on the training runs (not on the GenAI traces page)
+UI_WORKFLOW = "machine_learning"  # the UI's workflowType in a link: the training pages, not the GenAI ones
 
 # --- Artifacts -------------------------------------------------------------------------------------
 PREPARED_ARTIFACT = "prepared"  # the prepare run's folder: runs:/<run_id>/prepared

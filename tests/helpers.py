@@ -117,7 +117,7 @@ def postgres_server(database: str = "optuna"):
     """A throwaway PostgreSQL server on loopback (Debian's postgresql package); yields its URL."""
     initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not initdb:
-        raise RuntimeError("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: run `.ci/run`, "
+        raise RuntimeError("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: run `make test`, "
                            "or `apt-get install postgresql`, to install them")
     bin_dir = initdb[-1].parent
     home = Path(tempfile.mkdtemp(prefix="pg-"))  # under /tmp: pytest's tmp_path is closed to other users

@@ -26,8 +26,9 @@ def titled(fig: Figure, title: str = "") -> Figure:
 # --- Training (tracking/training.py) ---------------------------------------------------------------------
 
 
-def training_curves(history: list[dict], title: str = "") -> Figure:
-    """Loss and accuracies against epoch, like the book's ``Animator`` plot."""
+def training_curves(history: list[dict], title: str = "", kept_epoch: int | None = None) -> Figure:
+    """Loss and accuracies against epoch, like the book's ``Animator`` plot; ``kept_epoch`` (the best
+    validation epoch, whose model the run keeps) is marked by a vertical line."""
     epochs = [m["epoch"] for m in history]
     fig = Figure(figsize=(10, 4))
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -36,6 +37,8 @@ def training_curves(history: list[dict], title: str = "") -> Figure:
             key = f"{split}_{quantity}"
             if key in history[0]:
                 ax.plot(epochs, [m[key] for m in history], style, label=key)
+        if kept_epoch is not None:
+            ax.axvline(kept_epoch, color="tab:green", linestyle=":", label=f"kept epoch {kept_epoch}")
         ax.set(xlabel="epoch", ylabel=quantity)
         ax.grid(True, alpha=0.3)
         ax.legend()

@@ -44,6 +44,7 @@ from pipeline.names import (
 from pipeline.runtime.signals import interrupt_reason
 from pipeline.steps.options import make_config, options_from
 from pipeline.tracking.delivery import record_delivered
+from pipeline.tracking.experiments import runs_url, study_filter
 from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.registry import promote_if_better
 from pipeline.tracking.runs import log_new_params, runs_killed_at_once
@@ -203,7 +204,7 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
         study_name = cfg.study_name or f"main-{prepare.info.run_id}"
         log_new_params({**acted, "study_name": study_name})
         mlflow.set_tag(STUDY_TAG, study_name)  # the study's trials carry the same tag
-        print(f"[main] study {study_name!r}; its trials: tags.{STUDY_TAG} = '{study_name}'")
+        print(f"[main] study {study_name!r}; its trials: {study_filter(study_name)}")
         # the study keeps its own patience (see TuneConfig): SGD's noisy val accuracy needs a longer one
         overrides = {"study_name": study_name, "data": data_uri,
                      "trials": cfg.trials, "test_best": False, "storage": absolute_sqlite_url(cfg.storage),
@@ -230,7 +231,8 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     experiment_id = mlflow.active_run().info.experiment_id
     with identical_steps_one_at_a_time(experiment_id, "register", {"model": MODEL_NAME}, ""):
         decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
-    return {**headline, "model_uri": model_uri, "registry": decision}
+    study = {"study_name": study_name} if cfg.trials > 0 else {}
+    return {**headline, "model_uri": model_uri, "registry": decision, **study}
 
 
 def refuse_idle_settings(given: set[str], trials: int) -> None:
@@ -259,7 +261,10 @@ def main_command(**options):
     end_runs_of_dead_processes()
     # SIGTERM acts like Ctrl-C, at once: MLflow then stops the running step (which ends its run KILLED),
     # and main's run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
-    with mlflow.start_run(run_name="main"), runs_killed_at_once():
+    with mlflow.start_run(run_name="main") as run, runs_killed_at_once():
         result = run_main(data, train, cfg)
     click.echo(f"best val accuracy {result['best_val_accuracy']:.4f}, test accuracy {format_interval(result)}; "
                f"model {result['model_uri']}; registry: {result['registry']['reason']}")
+    click.echo(f"runs: {runs_url(run.info.experiment_id)}")
+    if cfg.trials > 0:
+        click.echo(f"the study's runs: {runs_url(run.info.experiment_id, result['study_name'])}")

@@ -6,10 +6,11 @@ import mlflow
 
 from pipeline.config import DataInput, SearchSpace, TuneConfig
 from pipeline.steps.options import make_config, options_from
+from pipeline.tracking.experiments import runs_url
 from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.stores import open_tracking_store
 from pipeline.tuning.record import describe
-from pipeline.tuning.study import run_study
+from pipeline.tuning.study import run_and_test_study
 
 
 @click.command("tune")
@@ -19,6 +20,6 @@ def tune_command(data, **options):
     open_tracking_store()
     end_runs_of_dead_processes()
     # system metrics (CPU, memory, disk, network: system/* every 10 s, psutil) show what a long study used
-    with mlflow.start_run(run_name=f"tune {cfg.study_name}", log_system_metrics=True):
-        study = run_study(cfg, space, data)
-    click.echo(describe(study))
+    with mlflow.start_run(run_name=f"tune {cfg.study_name}", log_system_metrics=True) as run:
+        study, tested = run_and_test_study(cfg, space, data)
+    click.echo(describe(study, tested, runs_url(run.info.experiment_id, cfg.study_name)))

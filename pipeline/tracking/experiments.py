@@ -5,21 +5,24 @@ another with MLflow's own ``MLFLOW_EXPERIMENT_ID`` / ``MLFLOW_EXPERIMENT_NAME``.
 run, in the experiment it was given, before our code starts and sets ``MLFLOW_EXPERIMENT_ID``: ``make
 run`` passes ``--experiment-name``. MLflow 3's UI opens an experiment without a kind on its GenAI pages
 (traces); the tag ``mlflow.experimentKind`` set to ``custom_model_development`` makes it open on the
-training runs.
+training runs, and the links the commands print (``runs_url``) open the experiment's runs table itself.
 
 Imports only MLflow: ``main`` runs it without PyTorch.
 """
 
 import os
+from urllib.parse import quote, urlencode
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Experiment
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
+from pipeline.config import UiConfig
 from pipeline.errors import PipelineError
-from pipeline.names import EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, TRAINING_KIND
+from pipeline.names import EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, STUDY_TAG, TRAINING_KIND, UI_WORKFLOW
 
 
 def experiment_named(name: str) -> Experiment:
@@ -66,3 +69,39 @@ def mark_chosen_experiment() -> None:
                   else client.get_experiment_by_name(MLFLOW_EXPERIMENT_NAME.get()))
     if experiment is not None:
         mark_as_training(experiment)
+
+
+def chosen_experiment() -> Experiment:
+    """The experiment the command's runs go to (after ``default_to_project_experiment``), created if new."""
+    experiment_id = MLFLOW_EXPERIMENT_ID.get()
+    if experiment_id:
+        return MlflowClient().get_experiment(experiment_id)
+    return experiment_named(MLFLOW_EXPERIMENT_NAME.get() or EXPERIMENT_NAME)
+
+
+def ui_address() -> str:
+    """The MLflow UI that shows this store: the tracking server itself, else where ``make ui`` serves it."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    ui = UiConfig()
+    return f"http://{ui.host}:{ui.port}"
+
+
+def study_filter(study_name: str) -> str:
+    """The runs search that shows a study's runs (its trials, its tune run, the main run that started it)."""
+    return f"tags.{STUDY_TAG} = '{study_name}'"
+
+
+def runs_url(experiment_id: str, study_name: str = "", ui: str = "") -> str:
+    """The address of the experiment's runs table in the MLflow UI; with ``study_name``, of the study's runs,
+    best validation accuracy first.
+
+    The experiments list (``/#/experiments``) opens an experiment on MLflow 3's GenAI overview; this
+    link opens the training runs, with the UI told the experiment is machine learning. The UI nests
+    child runs (the trials) under their parent unless the table is sorted by something other than time."""
+    query = {"workflowType": UI_WORKFLOW}
+    if study_name:
+        query.update(searchFilter=study_filter(study_name), orderByKey="metrics.`best_val_accuracy`",
+                     orderByAsc="false")
+    return f"{ui or ui_address()}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"

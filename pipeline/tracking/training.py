@@ -66,7 +66,8 @@ def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
 
     Trials trained side by side (``pipeline.tuning.stacked_trials``) log through here too.
     """
-    mlflow.log_figure(figures.training_curves(result.history, "softmax regression"), CURVES_FIGURE)
+    mlflow.log_figure(figures.training_curves(result.history, "softmax regression", kept_epoch=result.best_epoch),
+                      CURVES_FIGURE)
     model_info = log_model(result.model, splits.val_x[:4], step=result.best_epoch,
                                     name=model_name(cfg))
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,

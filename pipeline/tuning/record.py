@@ -8,6 +8,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from pipeline.core import figures
+from pipeline.core.stats import format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import (
     BEST_MODEL_TAG,
@@ -18,6 +19,7 @@ from pipeline.names import (
     STUDY_BEST_MODEL_ATTR,
     STUDY_FOLDER,
 )
+from pipeline.tracking.experiments import study_filter
 from pipeline.tuning.search import training_params
 
 SEARCHED = ["lr", "epochs", "weight_decay"]
@@ -75,11 +77,23 @@ def record_best(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return best
 
 
-def describe(study: optuna.Study) -> str:
-    """One line for the terminal: the study's size and its best trial."""
+def describe(study: optuna.Study, tested: dict | None, runs_url: str) -> str:
+    """The study's summary for the terminal: its size, its best trial, that trial's test accuracy and the
+    registry's decision (``tested``: ``final_test``'s result, None if the best was not tested), and
+    where its runs are in the MLflow UI."""
     best = study.best_trial
     params = ", ".join(f"{k} {v:.4g}" for k, v in training_params(best.params).items())
     states = Counter(t.state.name.lower() for t in study.trials)  # e.g. a killed trial shows as failed
     counts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-    return (f"study {study.study_name!r}: {len(study.trials)} trials ({counts}); best trial {best.number}: "
-            f"val accuracy {best.value:.4f} with {params}; model: {best.user_attrs[MODEL_URI_ATTR]}")
+    lines = [f"study {study.study_name!r}: {len(study.trials)} trials ({counts})",
+             f"best trial {best.number}: val accuracy {best.value:.4f} with {params}",
+             f"  model {best.user_attrs[MODEL_URI_ATTR]}"]
+    if tested is None:
+        lines.append("  not tested or registered here (--test-best false)")
+    else:
+        decision = tested["registry"]
+        verdict = "promoted" if decision["promoted"] else "not promoted"
+        lines += [f"  test accuracy {format_interval(tested)}",
+                  f"  registry: version {decision['version']} {verdict}: {decision['reason']}"]
+    lines += [f"runs: {runs_url}", f"  (search: {study_filter(study.study_name)})"]
+    return "\n".join(lines)

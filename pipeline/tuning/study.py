@@ -32,18 +32,24 @@ from pipeline.tuning.workers import run_workers
 
 
 def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
-    """Test metrics of the best model (in a nested "evaluate" run), and register it if it is better."""
+    """Test metrics of the best model (in a nested "evaluate" run), and register it if it is better;
+    returns the metrics and, under "registry", the registry's decision."""
     with mlflow.start_run(run_name="evaluate", nested=True,
                           experiment_id=mlflow.active_run().info.experiment_id):
         result = evaluate_on_test(model_uri, splits)
-        promote_if_better(model_uri, val_accuracy, array_digest(splits.val_x, splits.val_y))
+        decision = promote_if_better(model_uri, val_accuracy, array_digest(splits.val_x, splits.val_y))
     metrics = {k: result[k] for k in ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_loss")}
     mlflow.log_metrics({f"best_{k}": v for k, v in metrics.items()})  # on the parent, beside best_val_accuracy
-    return metrics
+    return {**metrics, "registry": decision}
 
 
 def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna.Study:
-    """Run (or resume) the study, record it on the active MLflow run, test and register the best.
+    """Run (or resume) the study, record it on the active MLflow run, test and register the best."""
+    return run_and_test_study(tune_cfg, space, data_uri)[0]
+
+
+def run_and_test_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> tuple[optuna.Study, dict | None]:
+    """``run_study``, returning also ``final_test``'s result (None with ``test_best`` off).
 
     Called inside ``mlflow.start_run()`` like the other steps (one is opened if none is active). Ctrl-C
     and SIGTERM fail the running trials and end every active run KILLED (``pipeline.runtime.signals``).
@@ -67,6 +73,5 @@ def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna
         log_trials_table(study)
         log_figures(study)
         best = record_best(study)
-        if tune_cfg.test_best:
-            final_test(best.user_attrs[MODEL_URI_ATTR], best.value, splits)
-    return study
+        tested = final_test(best.user_attrs[MODEL_URI_ATTR], best.value, splits) if tune_cfg.test_best else None
+    return study, tested
