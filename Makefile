@@ -46,8 +46,13 @@ test-tools:
 	  $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$need; \
 	fi
 
+# The suite in one process per core (pytest-xdist; at most 4: each holds torch and MLflow), a test file's
+# tests kept together so that the fixtures it shares are made once
+JOBS ?= $(shell n=$$(nproc); echo $$(( n < 4 ? n : 4 )))
+PYTEST := $(PY) -m pytest -q -ra -n $(JOBS) --dist loadscope
+
 test: data test-tools lint
-	$(PY) -m pytest -q -ra
+	$(PYTEST)
 
 # Style and errors (ruff), the layers of the package (import-linter), declared dependencies (deptry)
 lint: $(STAMP)
@@ -57,7 +62,7 @@ lint: $(STAMP)
 
 # A few minutes' check while working: no slow end-to-end test, and none that needs the real data
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow and not real_data"
+	$(PYTEST) -m "not slow and not real_data"
 
 # The MLflow UI on this machine's store (./mlflow.db) at http://127.0.0.1:$(PORT). Its start page opens an
 # experiment on MLflow 3's GenAI overview: `ui-url` prints the link to the experiment's runs table instead.
