@@ -70,7 +70,8 @@ def hostile_champion(mlflow_store, tmp_path):
 def test_the_hostile_model_really_runs_its_command_under_plain_mlflow(hostile_champion, subprocess_env):
     # The oracle that the attack is real: MLflow's own loader, with its defaults, runs the command.
     code = f"import mlflow\ntry:\n    mlflow.pytorch.load_model('{CHAMPION_URI}')\nexcept Exception:\n    pass"
-    subprocess.run([sys.executable, "-c", code], env=subprocess_env, timeout=300, check=True)
+    env = {**subprocess_env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}  # MLflow's default
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=300, check=True)
     assert hostile_champion.exists()
 
 
@@ -96,7 +97,7 @@ def test_refused_even_with_pickle_allowed_in_the_environment(hostile_champion, m
     with pytest.raises(safe_models.PipelineError, match="refusing.*model.pth"):
         load_model(CHAMPION_URI)
     assert not hostile_champion.exists()
-    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # restored after the load
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # the library leaves the environment alone
 
 
 def test_a_model_folder_shipping_code_is_refused(mlflow_store, tmp_path):
