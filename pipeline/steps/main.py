@@ -72,13 +72,14 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 CODE_PATHS = ("pipeline", "MLproject", "conda.yaml", "experiments")
 
 
-def code_version(root: Path = PROJECT_DIR) -> str:
+def code_version() -> str:
     """The git commit, with a hash of uncommitted changes to the code when there are some.
 
     Two runs with the same code version ran the same code, which is what makes reusing a finished
     step safe. Changes: edits to tracked files, and new files under ``CODE_PATHS``. Outside a git
     checkout, a hash of the package's source files stands in.
     """
+    root = PROJECT_DIR
     try:
         git = functools.partial(subprocess.run, cwd=root, capture_output=True, check=True)
         commit = git(["git", "rev-parse", "HEAD"]).stdout.decode().strip()
