@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.core.idx import raw_digest, raw_files_in
 from pipeline.names import RAW_DIGEST_TAG, STEP_TAG
+from pipeline.steps.main import absolute_file_url
 from tests.fault_helpers import run_cli
 from tests.helpers import write_fake_dataset
 
@@ -39,3 +40,12 @@ def test_prepare_is_reused_only_on_the_same_raw_files(mlflow_store, subprocess_e
     del env["FASHION_MNIST_DIR"]
     third = main_in(work, env, "--data-dir", "raw")
     assert third.info.run_id == second.info.run_id
+
+
+def test_relative_store_paths_are_taken_from_where_main_starts(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_file_url("sqlite:///optuna.db") == f"sqlite:///{tmp_path}/optuna.db"
+    assert absolute_file_url("journal:///runs/optuna.log") == f"journal:///{tmp_path}/runs/optuna.log"
+    assert absolute_file_url("optuna.journal") == str(tmp_path / "optuna.journal")
+    for url in ("sqlite:////srv/optuna.db", "journal:////srv/optuna.log", "postgresql://u@db.example/optuna"):
+        assert absolute_file_url(url) == url
