@@ -120,6 +120,26 @@ def test_the_projects_own_model_still_loads_with_pickle_disallowed(mlflow_store,
     torch.testing.assert_close(loaded(x), result.model(x))
 
 
+@pytest.mark.slow
+def test_mlflows_check_is_on_in_every_command_and_never_skipped(mlflow_store, data_slice, subprocess_env,
+                                                                monkeypatch):
+    """MLflow reads its switch from the environment only: each command sets it at its start, whatever the
+    user's environment says; a library caller that left the check off is refused, never loaded unchecked."""
+    from pipeline.config import TrainConfig
+    from pipeline.tracking.training import train
+
+    with mlflow.start_run():
+        _, info = train(TrainConfig(epochs=1), data_slice[0], progress=False)
+    env = {**subprocess_env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}
+    done = run_cli(env, "predict", "--model-uri", info.model_uri, "--data", str(data_slice[1]), "--test", "2")
+    assert done.returncode == 0 and done.stdout.count("test[") == 2, done.stderr[-3000:]
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    with pytest.raises(safe_models.PipelineError, match="check of its archive switched off"):
+        load_model(info.model_uri)
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"
+
+
 # ---------------------------------------------------------------------------------------------------
 # A model that ships the module MLflow's python_function loader imports
 
