@@ -8,6 +8,7 @@ import time
 
 import mlflow
 import optuna
+import pytest
 
 from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.training import Tensors
@@ -54,6 +55,7 @@ def writes_held(path):
         connection.close()
 
 
+@pytest.mark.slow
 def test_two_workers_asking_at_the_same_moment_draw_different_points(data_slice, mlflow_store, tmp_path):
     """Both workers ask while the study holds the same trials (neither's trial is stored yet): each
     still draws its own point."""
@@ -73,6 +75,7 @@ def test_two_workers_asking_at_the_same_moment_draw_different_points(data_slice,
     assert len(drawn) == 2 and drawn["a"] != drawn["b"], drawn
 
 
+@pytest.mark.slow
 def test_one_worker_with_the_same_seed_draws_the_same_study(data_slice, mlflow_store, tmp_path):
     splits, _ = data_slice
     with mlflow.start_run() as parent:
