@@ -249,7 +249,10 @@ class MainConfig:
     force: bool = setting(False, "Re-run every step even if an identical finished run exists.")
 
     def validate(self) -> None:
-        check(field_problems(self) + list(filter(None, [password_problem("storage", self.storage)])))
+        problems = field_problems(self)
+        if secret := password_problem("storage", self.storage):
+            problems.append(secret)
+        check(problems)
 
 
 # main's settings that act in one mode only. With trials > 0 the study chooses lr, epochs and weight
