@@ -1,8 +1,10 @@
 """``python -m bench``: run the benchmarks, print each as a JSON line and a table, save the results."""
 
 import click
+import torch
 
 from bench import common, memory, photos, side_by_side, throughput, tuning
+from pipeline.config import ThreadsConfig
 
 BENCHMARKS = {
     "throughput": throughput.run,  # 1 and 2: against the book's loop and the compute floor
@@ -24,6 +26,7 @@ BENCHMARKS = {
               help="JSON file the results are merged into.")
 def main(only, quick, data_dir, results):
     """Measure training speed, tuning throughput and memory."""
+    torch.set_num_threads(ThreadsConfig().threads)  # what the commands train with (each sets it at its start)
     done = []
     for name in only or BENCHMARKS:
         click.echo(f"== {name} ==", err=True)

@@ -18,6 +18,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_FILE = REPO / "bench" / "results" / "latest.json"
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # PyTorch's own choice, read before the bench sets the commands'
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils import data as tud
 from torchvision import datasets, transforms
 
-from bench.common import Result, timed
+from bench.common import TORCH_DEFAULT_THREADS, Result, timed
 from pipeline.config import DataConfig, TrainConfig
 from pipeline.core.idx import locate_raw_files
 from pipeline.core.models import build_model
@@ -124,15 +124,15 @@ def epoch_of_fit(tensors: Tensors, cfg: TrainConfig):
 def time_training_pass(tensors: Tensors, cfg: TrainConfig, epochs: int, threads: int | None = None) -> list[float]:
     """Seconds of ``pipeline.core.training.train_epoch`` alone, epoch after epoch (optimiser built as ``fit`` does).
 
-    ``threads`` overrides torch's intra-op threads (default: one per core) for this measurement only.
+    ``threads``: torch's intra-op threads for this measurement only (default: PyTorch's own choice, one per core).
     """
     one_epoch = epoch_of_fit(tensors, cfg)
-    default_threads = torch.get_num_threads()
-    torch.set_num_threads(threads or default_threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or TORCH_DEFAULT_THREADS)
     try:
         return [timed(one_epoch)[0] for _ in range(epochs)]
     finally:
-        torch.set_num_threads(default_threads)
+        torch.set_num_threads(before)
 
 
 class EpochClock:

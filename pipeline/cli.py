@@ -22,7 +22,7 @@ import os
 
 import click
 
-from pipeline.config import MLFLOW_HTTP_DEFAULTS
+from pipeline.config import MLFLOW_HTTP_DEFAULTS, MLFLOW_PICKLE_SWITCH, MLFLOW_SWITCH_DEFAULTS
 from pipeline.errors import (
     DEBUG_ENV,
     PipelineError,
@@ -136,3 +136,6 @@ def cli(debug):
     quiet_store_tracebacks()
     for name, value in MLFLOW_HTTP_DEFAULTS.items():  # wait less for a tracking server that does not answer,
         os.environ.setdefault(name, value)  # unless the user set MLflow's variables; steps inherit them
+    for name, value in MLFLOW_SWITCH_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    os.environ[MLFLOW_PICKLE_SWITCH] = "false"  # always: see pipeline.tracking.safe_loading

@@ -8,8 +8,9 @@ This module imports neither torch, MLflow nor Optuna: the ``main`` process reads
 
 import math
 from dataclasses import MISSING, dataclass, field, fields
+from urllib.parse import parse_qs, urlsplit
 
-from pipeline.errors import HTTP_RETRIES, HTTP_TIMEOUT, short_repr
+from pipeline.errors import HTTP_RETRIES, HTTP_TIMEOUT, printable_url, short_repr
 
 CLASS_NAMES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -41,6 +42,12 @@ POSTGRES_CONNECT_ARGS = {
 # growing pauses) wait about 20 minutes before failing; these wait about 2. A value set in the
 # environment is kept.
 MLFLOW_HTTP_DEFAULTS = {HTTP_TIMEOUT: "30", HTTP_RETRIES: "3"}
+# MLflow's switches, which it reads from the environment only, set once by every command at its start
+# (pipeline.cli): MLflow checks that a model's pt2 archive holds no pickled record before loading it, whatever
+# the environment says (pipeline.tracking.safe_loading); and downloads draw no progress bar between the
+# command's own lines, unless the environment asks for one.
+MLFLOW_PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+MLFLOW_SWITCH_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: a larger setting overflows to inf
@@ -80,7 +87,7 @@ def check(problems: list[str]) -> None:
 @dataclass(frozen=True)
 class DataConfig:
     data_dir: str = setting("", "Folder with the four raw IDX files (.gz or not); empty: $FASHION_MNIST_DIR, "
-                                "./data, the Debian package, then download.")
+                                "./data, the Debian package, then download. A relative path is taken from here.")
     val_size: int = setting(10_000, "Training images held out for validation (stratified).", minimum=1,
                             below=TRAIN_IMAGES)
     split_seed: int = setting(0, "Seeds the stratified train/validation split.")
@@ -106,6 +113,19 @@ class TrainConfig:
     input_dropout: float = setting(0.0, "Fraction of input pixels dropped while training (overfitting remedy).",
                                    minimum=0, below=1)
     augment: bool = setting(False, "Random flips and shifts of whole batches (overfitting remedy).")
+
+    def validate(self) -> None:
+        check(field_problems(self))
+
+
+@dataclass(frozen=True)
+class ThreadsConfig:
+    """How many threads PyTorch uses, set once by each command that trains, at its start."""
+
+    # One per process: a step of the softmax regression is some twenty tiny ops on a 784x10 matrix, which
+    # more threads do not speed up, and threads that wait for each other run far slower when the cores are
+    # shared (tune's workers, other processes). More cores pay through processes: tune --workers.
+    threads: int = setting(1, "PyTorch threads of this process (and of each tune worker).", minimum=1)
 
     def validate(self) -> None:
         check(field_problems(self))
@@ -152,6 +172,18 @@ def is_journal(url: str) -> bool:
     return url.startswith(JOURNAL_SCHEME) or ("://" not in url and url.endswith(JOURNAL_SUFFIXES))
 
 
+def password_problem(name: str, url: str) -> str | None:
+    """Why the storage URL of setting ``name`` is refused: it holds a password, which would be recorded in
+    clear (every setting is an MLflow param, and ``mlflow run`` logs its -P values before a command starts).
+    The database's own client reads the password from the environment or a file instead."""
+    parts = urlsplit(url)
+    if parts.password is None and not {"password", "passwd"} & {k.lower() for k in parse_qs(parts.query)}:
+        return None
+    return (f"{name} {printable_url(url)} holds a password, which would be recorded in clear with the run's "
+            "settings: give the URL without it, and the password in PGPASSWORD or ~/.pgpass (PostgreSQL), or in "
+            "a MySQL option file (?read_default_file=PATH)")
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The ranges searched; learning rate and weight decay on a log scale."""
@@ -184,7 +216,8 @@ class TuneConfig:
                               "machines) count.", minimum=1)
     workers: int = setting(1, "Processes on this machine working on the study.", minimum=1)
     storage: str = setting(DEFAULT_STORAGE, "Optuna storage: a database URL (sqlite:///optuna.db, "
-                           "postgresql://user@host/db) or a journal file (journal:///optuna.log, *.log, *.journal).")
+                           "postgresql://user@host/db, its password in PGPASSWORD or ~/.pgpass, never in the URL) "
+                           "or a journal file (journal:///optuna.log, *.log, *.journal).")
     study_name: str = setting("fashion-mnist-softmax", "Created if new, resumed if it exists (never overwritten).")
     sampler: str = setting("tpe", "Optuna sampler.", choices=SAMPLERS)
     pruner: str = setting("median", "Stops unpromising trials early, from their per-epoch val accuracy.",
@@ -207,7 +240,9 @@ class TuneConfig:
         problems = field_problems(self)
         if not self.study_name:
             problems.append("study_name must not be empty")
-        if not (is_journal(self.storage) or "://" in self.storage):
+        if secret := password_problem("storage", self.storage):
+            problems.append(secret)
+        elif not (is_journal(self.storage) or "://" in self.storage):
             problems.append(
                 f"storage {short_repr(self.storage)} is neither a database URL (sqlite:///optuna.db, "
                 "postgresql://user@host/db, mysql://user@host/db) nor a journal file "
@@ -221,12 +256,16 @@ class MainConfig:
 
     trials: int = setting(20, "Optuna trials; 0 = train once with the train options (refused with a study, "
                               "which chooses lr, epochs and weight decay itself).", minimum=0)
-    storage: str = setting(DEFAULT_STORAGE, "Optuna storage URL (a relative sqlite path is taken from here).")
+    storage: str = setting(DEFAULT_STORAGE, "Optuna storage URL, as tune's (a relative sqlite or journal path is "
+                                            "taken from here).")
     study_name: str = setting("", "Optuna study to create or resume; empty: one per prepared split.")
     force: bool = setting(False, "Re-run every step even if an identical finished run exists.")
 
     def validate(self) -> None:
-        check(field_problems(self))
+        problems = field_problems(self)
+        if secret := password_problem("storage", self.storage):
+            problems.append(secret)
+        check(problems)
 
 
 # main's settings that act in one mode only. With trials > 0 the study chooses lr, epochs and weight
@@ -292,6 +331,8 @@ class ConvexConfig:
                             f"{short_repr(list(self.weight_decays))}")
         elif len(set(self.weight_decays)) != len(self.weight_decays):
             problems.append(f"weight_decays lists a value twice: {short_repr(list(self.weight_decays))}")
+        if secret := password_problem("study_storage", self.study_storage):
+            problems.append(secret)
         check(problems)
 
 

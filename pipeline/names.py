@@ -46,6 +46,7 @@ FAILURE_TAG = "pipeline.failure"  # why a run failed, in one line
 MODEL_URI_TAG = "pipeline.model_uri"  # the model a train run produced (models:/<model_id>)
 STOPPED_EARLY_TAG = "pipeline.stopped_early"
 CACHE_KEY_TAG = "pipeline.cache_key"
+RAW_DIGEST_TAG = "pipeline.raw_digest"  # on a prepare run: its raw files' contents (main reuses it only for the same)
 CACHE_REUSED_TAG = "pipeline.cache_reused"
 CODE_VERSION_TAG = "pipeline.code_version"  # git commit (+ hash of uncommitted changes) of a step
 STEP_TAG = "pipeline.step.{}"  # on main: the run id of each step; + ".reused"

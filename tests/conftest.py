@@ -7,13 +7,19 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from pipeline.config import DataConfig
+from pipeline.config import MLFLOW_PICKLE_SWITCH, DataConfig, ThreadsConfig
 from pipeline.core.idx import raw_files_in
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors
 from tests.helpers import REAL_DATA, child_env, postgres_server, write_fake_dataset, write_learnable_dataset
+
+# What every command does at its start (pipeline.cli, ThreadsConfig), for the library the tests call in this
+# process: MLflow's check of a model's archive switched on, and PyTorch on the commands' threads.
+os.environ[MLFLOW_PICKLE_SWITCH] = "false"
+torch.set_num_threads(ThreadsConfig().threads)
 
 
 @pytest.fixture

@@ -113,8 +113,11 @@ def make(target: str, env: dict, **variables) -> subprocess.Popen:
 
 
 @contextlib.contextmanager
-def postgres_server(database: str = "optuna"):
-    """A throwaway PostgreSQL server on loopback (Debian's postgresql package); yields its URL."""
+def postgres_server(database: str = "optuna", password: str | None = None):
+    """A throwaway PostgreSQL server on loopback (Debian's postgresql package); yields its URL.
+
+    With ``password``: the server asks for it (scram-sha-256) and the URL does not hold it: a client gives it
+    in PGPASSWORD or ~/.pgpass."""
     initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not initdb:
         raise RuntimeError("PostgreSQL server binaries not found in /usr/lib/postgresql/*/bin: run `make test`, "
@@ -128,9 +131,17 @@ def postgres_server(database: str = "optuna"):
     port, data = free_port(), home / "data"
 
     def pg(tool, *args):
-        subprocess.run([*as_postgres, str(bin_dir / tool), *args], check=True, capture_output=True)
+        env = {**os.environ, **({} if password is None else {"PGPASSWORD": password})}
+        subprocess.run([*as_postgres, str(bin_dir / tool), *args], check=True, capture_output=True, env=env)
 
-    pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+    if password is None:
+        pg("initdb", "-D", str(data), "-U", "postgres", "-A", "trust", "--no-sync")
+    else:
+        (home / "pwfile").write_text(password + "\n")
+        if as_postgres:
+            shutil.chown(home / "pwfile", "postgres", "postgres")
+        pg("initdb", "-D", str(data), "-U", "postgres", "-A", "scram-sha-256", "--pwfile", str(home / "pwfile"),
+           "--no-sync")
     pg("pg_ctl", "-D", str(data), "-l", str(home / "log"), "-w", "start",
        "-o", f"-p {port} -k {home} -c listen_addresses=127.0.0.1 -c fsync=off")
     try:

@@ -7,6 +7,8 @@ an error that names the file and the problem.
 """
 
 import gzip
+import hashlib
+import json
 import math
 import os
 import zlib
@@ -124,6 +126,19 @@ def read_split(images_path: Path, labels_path: Path) -> tuple[np.ndarray, np.nda
             f"{labels_path}: label {labels[bad]} at index {bad} is outside 0..{NUM_CLASSES - 1}"
         )
     return images, labels
+
+
+def file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read the file ({e.strerror}); check its permissions")
+
+
+def raw_digest(raw: dict[str, Path]) -> str:
+    """One digest of the four raw files' contents: the same data gives the same digest wherever it lies."""
+    parts = {k: file_digest(p) for k, p in sorted(raw.items())}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline.config import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES, DataConfig
-from pipeline.core.idx import LOCAL_ROOT, locate_raw_files, read_split
+from pipeline.core.idx import LOCAL_ROOT, file_digest, locate_raw_files, raw_digest, read_split
 from pipeline.errors import PipelineError
 
 PREPARED_FILE = "splits.npz"
@@ -168,13 +168,6 @@ def array_digest(*arrays: np.ndarray) -> str:
     return h.hexdigest()[:16]
 
 
-def file_digest(path: Path) -> str:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
-    except OSError as e:
-        raise PipelineError(f"{path}: cannot read the file ({e.strerror}); check its permissions")
-
-
 def cache_key(raw: dict[str, Path], cfg: DataConfig) -> str:
     """Same raw bytes and same split parameters -> same key -> the cached split is reused."""
     parts = {k: file_digest(p) for k, p in sorted(raw.items())}
@@ -185,13 +178,15 @@ def cache_key(raw: dict[str, Path], cfg: DataConfig) -> str:
 def prepare_splits(cfg: DataConfig, cache_root: Path = LOCAL_ROOT / "prepared") -> tuple[Splits, Path, dict]:
     """Find, parse, validate and split the data, reusing an earlier identical preparation.
 
-    Returns the splits, the prepared file and a small description (source, cache key, reused or not).
+    Returns the splits, the prepared file and a small description (source, digest of the raw files, cache
+    key, reused or not).
     """
     cfg.validate()
     raw = locate_raw_files(cfg.data_dir)
     key = cache_key(raw, cfg)
     cached = cache_root / key / PREPARED_FILE
-    info = {"source": str(raw["train_images"].parent.resolve()), "cache_key": key, "reused": cached.is_file()}
+    info = {"source": str(raw["train_images"].parent.resolve()), "raw_digest": raw_digest(raw), "cache_key": key,
+            "reused": cached.is_file()}
     if cached.is_file():
         try:
             return Splits.load(cached), cached, info

@@ -181,7 +181,6 @@ def fit_stacked(cfgs: list[TrainConfig], data: Tensors, on_epoch: OnEpoch | None
     so the stack stays full while models drop out. KeyboardInterrupt is not an outcome: it stops them all.
     """
     check_compatible(cfgs, cfgs[0])
-    torch.set_num_threads(1)  # as in fit: the small ops gain nothing from threads that wait for each other
     members = [join(i, cfg) for i, cfg in enumerate(cfgs)]
     outcomes: list = [None] * len(cfgs)
     orders, epochs_drawn = batch_orders(cfgs[0], len(data.train[1])), 0

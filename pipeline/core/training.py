@@ -135,9 +135,6 @@ def fit(model: nn.Module, data: Tensors, cfg: TrainConfig,
     may raise to stop training.
     """
     cfg.validate()
-    # A 784x10 layer on batches of 256 is ~20 tiny ops per step: extra threads only add overhead, and
-    # on a busy machine (parallel Optuna workers, tests) they made training several times slower.
-    torch.set_num_threads(1)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = batch_orders(cfg, len(data.train[1]))
     augment = batch_augmentation() if cfg.augment else None

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 import mlflow
+import torch
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_RUN_ID
 
@@ -23,6 +24,7 @@ from pipeline.config import (
     ExperimentOptions,
     SearchSpace,
     StabilityConfig,
+    ThreadsConfig,
     TrainConfig,
     TuneConfig,
 )
@@ -115,9 +117,9 @@ def run_experiment(spec: ExperimentSpec, caps: Caps = Caps()) -> dict:
                            tags={ROLE_TAG: "experiment", FILE_TAG: spec.path, SMOKE_TAG: caps.active}) as parent,
           runs_killed_at_safe_points() as interrupted):
         mlflow.log_artifact(spec.path)
-        log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point,
-                                 "runs": runs_of(spec), **{f"cap_{k}": v for k, v in
-                                                                 dataclasses.asdict(caps).items()}})
+        log_new_params({"experiment_file": spec.path, "entry_point": spec.entry_point, "runs": runs_of(spec),
+                        "threads": torch.get_num_threads(),
+                        **{f"cap_{k}": v for k, v in dataclasses.asdict(caps).items()}})
         if spec.entry_point == "tune":
             children, failed = [run_tune(spec, caps, exp_id, prepared_path)], []
         else:
@@ -206,10 +208,11 @@ def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path)
 
 @click.command("experiment")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@options_from(ExperimentOptions)
+@options_from(ExperimentOptions, ThreadsConfig)
 def experiment_command(file, **options):
     """Every grid point (and seed) of the file is one nested run under a parent run; a tune file runs its study."""
     opts = make_config(ExperimentOptions, options)
+    torch.set_num_threads(make_config(ThreadsConfig, options).threads)
     spec = load_spec(file, opts.max_runs)  # a bad file fails here, naming the line, before anything runs
     open_tracking_store()
     end_runs_of_dead_processes()

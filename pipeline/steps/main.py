@@ -2,10 +2,15 @@
 
 This follows MLflow's ``multistep_workflow`` example: each step is an MLproject entry point launched
 with ``mlflow.projects.run`` inside the parent run (which makes it a child run), and a step that already
-finished with the same entry point, parameters and code is reused instead of run again. Steps hand data
-to each other through run URIs (``runs:/<prepare run>/prepared``, ``models:/<model id>``), which are
-themselves parameters of the next step: a re-run upstream step gives a new URI, so everything
+finished with the same entry point, parameters and code is reused instead of run again; ``prepare`` also
+on the same raw files, by their contents' digest, as DVC's run cache keys a stage on its inputs' hashes.
+Steps hand data to each other through run URIs (``runs:/<prepare run>/prepared``, ``models:/<model id>``),
+which are themselves parameters of the next step: a re-run upstream step gives a new URI, so everything
 downstream re-runs too.
+
+Steps run in the project folder (``mlflow run`` starts them there), so ``main`` hands them absolute paths:
+the raw data's folder, as found from where ``main`` was started, and the storage's and tracking store's
+files.
 """
 
 import contextlib
@@ -13,10 +18,11 @@ import functools
 import getpass
 import hashlib
 import json
+import os
 import shlex
 import subprocess
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import click
@@ -28,7 +34,17 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
 
-from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
+from pipeline.config import (
+    JOURNAL_SCHEME,
+    MAIN_STUDY_ONLY,
+    MAIN_TRAIN_ONLY,
+    DataConfig,
+    MainConfig,
+    ThreadsConfig,
+    TrainConfig,
+    is_journal,
+)
+from pipeline.core.idx import locate_raw_files, raw_digest
 from pipeline.core.stats import TEST_METRICS, format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import (
@@ -38,6 +54,7 @@ from pipeline.names import (
     MODEL_NAME,
     MODEL_URI_TAG,
     PREPARED_ARTIFACT,
+    RAW_DIGEST_TAG,
     STEP_TAG,
     STUDY_TAG,
 )
@@ -51,26 +68,33 @@ from pipeline.tracking.runs import log_new_params, runs_killed_at_once
 from pipeline.tracking.stores import open_tracking_store
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# Where a new file not yet committed is code that the steps run; elsewhere are the stores, their journals
+# and the data that commands write and remove as they run, which must not change the code version.
+CODE_PATHS = ("pipeline", "MLproject", "conda.yaml", "experiments")
 
 
 def code_version() -> str:
-    """The git commit, with a hash of uncommitted changes when the tree is dirty.
+    """The git commit, with a hash of uncommitted changes to the code when there are some.
 
     Two runs with the same code version ran the same code, which is what makes reusing a finished
-    step safe. Outside a git checkout, a hash of the package's source files stands in.
+    step safe. Changes: edits to tracked files, and new files under ``CODE_PATHS``. Outside a git
+    checkout, a hash of the package's source files stands in.
     """
     root = PROJECT_DIR
     try:
         git = functools.partial(subprocess.run, cwd=root, capture_output=True, check=True)
         commit = git(["git", "rev-parse", "HEAD"]).stdout.decode().strip()
         changes = git(["git", "diff", "HEAD"]).stdout  # edits to tracked files
-        untracked = git(["git", "ls-files", "--others", "--exclude-standard", "-z"]).stdout.split(b"\0")
-        if not changes and not any(untracked):
-            return commit
-        h = hashlib.sha256(changes)
-        for name in filter(None, untracked):  # new files not yet committed count as changes too
-            h.update(name + b"\0" + (root / name.decode()).read_bytes())
-        return f"{commit}-dirty-{h.hexdigest()[:12]}"
+        untracked = git(["git", "ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_PATHS]).stdout
+        h, dirty = hashlib.sha256(changes), bool(changes)
+        for name in filter(None, untracked.split(b"\0")):  # new files not yet committed count as changes too
+            try:
+                content = (root / os.fsdecode(name)).read_bytes()
+            except FileNotFoundError:  # removed since git listed it: not part of the code any more
+                continue
+            h.update(name + b"\0" + content)
+            dirty = True
+        return f"{commit}-dirty-{h.hexdigest()[:12]}" if dirty else commit
     except (OSError, subprocess.CalledProcessError):
         h = hashlib.sha256()
         for path in sorted((root / "pipeline").rglob("*.py")):
@@ -96,23 +120,35 @@ def step_parameters(entry_point: str, overrides: dict) -> dict[str, str]:
     return params
 
 
-def absolute_sqlite_url(url: str) -> str:
-    """sqlite:///optuna.db -> sqlite:////abs/optuna.db, relative to where main was started.
+def absolute_file_url(url: str) -> str:
+    """A store's URL with a relative file path made absolute, from where main was started:
+    sqlite:///optuna.db -> sqlite:////abs/optuna.db; journal:///optuna.log and optuna.log likewise.
 
     Steps run in the project folder, so a relative path would otherwise point there instead.
     """
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + "/"):
-        return prefix + str(Path(url[len(prefix):]).resolve())
+    for prefix in ("sqlite:///", JOURNAL_SCHEME):
+        if url.startswith(prefix) and not url.startswith(prefix + "/"):
+            return prefix + str(Path(url[len(prefix):]).resolve())
+    if is_journal(url) and not url.startswith(JOURNAL_SCHEME):  # a plain path
+        return str(Path(url).resolve())
     return url
 
 
-def find_finished_run(experiment_id: str, entry_point: str, params: dict, version: str) -> Run | None:
-    """The newest finished run of ``entry_point`` with exactly these parameters and code version."""
+def located_data(data: DataConfig) -> tuple[DataConfig, str]:
+    """``data`` with ``data_dir`` the absolute folder of the raw files, found from where main was started
+    (--data-dir, $FASHION_MNIST_DIR, ./data, the Debian package), and the digest of their contents."""
+    raw = locate_raw_files(data.data_dir)
+    return replace(data, data_dir=str(raw["train_images"].parent.resolve())), raw_digest(raw)
+
+
+def find_finished_run(experiment_id: str, entry_point: str, params: dict, tags: dict) -> Run | None:
+    """The newest finished run of ``entry_point`` with exactly these parameters and tags (code version, and
+    for prepare the raw files' digest)."""
+    wanted = " ".join(f"and tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = MlflowClient().search_runs(
         [experiment_id],
-        filter_string=(f"tags.`mlflow.project.entryPoint` = '{entry_point}' "
-                       f"and tags.`{CODE_VERSION_TAG}` = '{version}' and attributes.status = 'FINISHED'"),
+        filter_string=(f"tags.`mlflow.project.entryPoint` = '{entry_point}' {wanted} "
+                       "and attributes.status = 'FINISHED'"),
         order_by=["attributes.start_time DESC"],
     )
     # MLflow shell-quotes each value for the entry point's command and logs it quoted ("" -> "''")
@@ -124,14 +160,14 @@ def find_finished_run(experiment_id: str, entry_point: str, params: dict, versio
 
 
 @contextlib.contextmanager
-def identical_steps_one_at_a_time(experiment_id: str, entry_point: str, params: dict, version: str):
-    """Hold a lock named after the step (store, experiment, entry point, parameters, code version).
+def identical_steps_one_at_a_time(experiment_id: str, entry_point: str, params: dict, tags: dict):
+    """Hold a lock named after the step (store, experiment, entry point, parameters, tags).
 
     Two identical ``main`` runs started together would otherwise both miss a finished step, and both
     train and register twins: now the second waits for the first's step, then reuses it. The lock
     lives in a temporary folder of the user's: this holds for one user's ``main`` runs on one machine.
     """
-    key = json.dumps([mlflow.get_tracking_uri(), experiment_id, entry_point, params, version], sort_keys=True)
+    key = json.dumps([mlflow.get_tracking_uri(), experiment_id, entry_point, params, tags], sort_keys=True)
     folder = Path(tempfile.gettempdir()) / f"fashion-mnist-pipeline-steps-{getpass.getuser()}"
     folder.mkdir(exist_ok=True)
     lock = filelock.FileLock(folder / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.lock")
@@ -146,17 +182,21 @@ def identical_steps_one_at_a_time(experiment_id: str, entry_point: str, params: 
         lock.release()
 
 
-def run_step(entry_point: str, params: dict, force: bool) -> Run:
-    """Reuse a finished identical step, or launch it as a child run of the active run."""
+def run_step(entry_point: str, params: dict, force: bool, tags: dict | None = None) -> Run:
+    """Reuse a finished identical step, or launch it as a child run of the active run.
+
+    Identical: the same entry point, parameters and code version, and the ``tags`` the step itself
+    records about its inputs (prepare: the raw files' digest).
+    """
     parent = mlflow.active_run()
-    version = code_version()
+    tags = {CODE_VERSION_TAG: code_version(), **(tags or {})}
     experiment_id = parent.info.experiment_id
-    with identical_steps_one_at_a_time(experiment_id, entry_point, params, version):
-        return reuse_or_launch(entry_point, params, force, experiment_id, version)
+    with identical_steps_one_at_a_time(experiment_id, entry_point, params, tags):
+        return reuse_or_launch(entry_point, params, force, experiment_id, tags)
 
 
-def reuse_or_launch(entry_point: str, params: dict, force: bool, experiment_id: str, version: str) -> Run:
-    reused = None if force else find_finished_run(experiment_id, entry_point, params, version)
+def reuse_or_launch(entry_point: str, params: dict, force: bool, experiment_id: str, tags: dict) -> Run:
+    reused = None if force else find_finished_run(experiment_id, entry_point, params, tags)
     if reused is not None:
         print(f"[main] reusing {entry_point} run {reused.info.run_id}")
         run_id = reused.info.run_id
@@ -171,7 +211,7 @@ def reuse_or_launch(entry_point: str, params: dict, force: bool, experiment_id: 
             step_run_killed(experiment_id, entry_point, interrupt_reason(e))
             raise
         run_id = submitted.run_id
-        MlflowClient().set_tag(run_id, CODE_VERSION_TAG, version)
+        MlflowClient().set_tag(run_id, CODE_VERSION_TAG, tags[CODE_VERSION_TAG])
     step = STEP_TAG.format(entry_point)
     mlflow.set_tags({step: run_id, step + ".reused": reused is not None})
     return MlflowClient().get_run(run_id)
@@ -192,13 +232,14 @@ def step_run_killed(experiment_id: str, entry_point: str, reason: str) -> None:
         client.set_terminated(run.info.run_id, status="KILLED")
 
 
-def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
+def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig, threads: int = ThreadsConfig().threads) -> dict:
     """Run the whole pipeline inside the active (parent) run and return its headline figures."""
-    prepare = run_step("prepare", step_parameters("prepare", asdict(data)), cfg.force)
+    located, digest = located_data(data)
+    prepare = run_step("prepare", step_parameters("prepare", asdict(located)), cfg.force, {RAW_DIGEST_TAG: digest})
     data_uri = f"runs:/{prepare.info.run_id}/{PREPARED_ARTIFACT}"
     # main's params: the settings that act in this mode (storage is on the tune run, password hidden)
     acted = {**asdict(data), "trials": cfg.trials, "force": cfg.force, "seed": train.seed,
-             "batch_size": train.batch_size}
+             "batch_size": train.batch_size, "threads": threads}
     if cfg.trials > 0:
         # one study per prepared split by default: trials on other data must not mix into it
         study_name = cfg.study_name or f"main-{prepare.info.run_id}"
@@ -206,14 +247,16 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
         mlflow.set_tag(STUDY_TAG, study_name)  # the study's trials carry the same tag
         print(f"[main] study {study_name!r}; its trials: {study_filter(study_name)}")
         # the study keeps its own patience (see TuneConfig): SGD's noisy val accuracy needs a longer one
+        # the storage URL holds no password (MainConfig refuses one): as a step's parameter, it is recorded
         overrides = {"study_name": study_name, "data": data_uri,
-                     "trials": cfg.trials, "test_best": False, "storage": absolute_sqlite_url(cfg.storage),
-                     "seed": train.seed, "batch_size": train.batch_size}
+                     "trials": cfg.trials, "test_best": False, "storage": absolute_file_url(cfg.storage),
+                     "seed": train.seed, "batch_size": train.batch_size, "threads": threads}
         model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
         model_uri = model_run.data.tags.get(BEST_MODEL_TAG)
     else:
         log_new_params({**acted, **asdict(train)})
-        model_run = run_step("train", step_parameters("train", {**asdict(train), "data": data_uri}), cfg.force)
+        model_run = run_step("train", step_parameters("train", {**asdict(train), "data": data_uri, "threads": threads}),
+                             cfg.force)
         model_uri = model_run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
         raise PipelineError(f"run {model_run.info.run_id} finished without recording a model URI")
@@ -229,7 +272,7 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     # one registration at a time: two mains that reach here together would both register (or both set
     # an alias: MLflow's alias insert is not atomic, the second fails with a UNIQUE constraint)
     experiment_id = mlflow.active_run().info.experiment_id
-    with identical_steps_one_at_a_time(experiment_id, "register", {"model": MODEL_NAME}, ""):
+    with identical_steps_one_at_a_time(experiment_id, "register", {"model": MODEL_NAME}, {}):
         decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
     study = {"study_name": study_name} if cfg.trials > 0 else {}
     return {**headline, "model_uri": model_uri, "registry": decision, **study}
@@ -249,20 +292,22 @@ def refuse_idle_settings(given: set[str], trials: int) -> None:
 
 
 @click.command("main")
-@options_from(DataConfig, TrainConfig, MainConfig, undeclared=MAIN_TRAIN_ONLY + MAIN_STUDY_ONLY)
+@options_from(DataConfig, TrainConfig, MainConfig, ThreadsConfig, undeclared=MAIN_TRAIN_ONLY + MAIN_STUDY_ONLY)
 def main_command(**options):
-    """A step that already finished with the same parameters and code is reused."""
+    """A step that already finished with the same parameters and code is reused (prepare: on raw files of the
+    same contents). Relative paths (--data-dir, sqlite and journal storages) are taken from here."""
     context = click.get_current_context()
     given = {name for name in options if context.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     data, train = make_config(DataConfig, options), make_config(TrainConfig, options)
-    cfg = make_config(MainConfig, options)
+    cfg, threads = make_config(MainConfig, options), make_config(ThreadsConfig, options).threads
     refuse_idle_settings(given, cfg.trials)
+    mlflow.set_tracking_uri(absolute_file_url(mlflow.get_tracking_uri()))  # the steps get it, and run elsewhere
     open_tracking_store()
     end_runs_of_dead_processes()
     # SIGTERM acts like Ctrl-C, at once: MLflow then stops the running step (which ends its run KILLED),
     # and main's run ends KILLED, instead of leaving the step running as an orphan and both runs RUNNING.
     with mlflow.start_run(run_name="main") as run, runs_killed_at_once():
-        result = run_main(data, train, cfg)
+        result = run_main(data, train, cfg, threads)
     click.echo(f"best val accuracy {result['best_val_accuracy']:.4f}, test accuracy {format_interval(result)}; "
                f"model {result['model_uri']}; registry: {result['registry']['reason']}")
     click.echo(f"runs: {runs_url(run.info.experiment_id)}")

@@ -12,7 +12,14 @@ import pandas as pd
 from pipeline.config import DataConfig
 from pipeline.core import figures
 from pipeline.core.splits import SPLITS, Splits, prepare_splits
-from pipeline.names import CACHE_KEY_TAG, CACHE_REUSED_TAG, CLASS_COUNTS, PREPARED_ARTIFACT, SAMPLES_FIGURE
+from pipeline.names import (
+    CACHE_KEY_TAG,
+    CACHE_REUSED_TAG,
+    CLASS_COUNTS,
+    PREPARED_ARTIFACT,
+    RAW_DIGEST_TAG,
+    SAMPLES_FIGURE,
+)
 from pipeline.steps.options import make_config, options_from
 from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.runs import log_new_params, runs_killed_at_once
@@ -24,7 +31,8 @@ def prepare(cfg: DataConfig) -> Splits:
     splits, path, info = prepare_splits(cfg)
     log_new_params(asdict(cfg))
     log_new_params({"source": info["source"], **{f"{s}_size": len(splits.arrays(s)[1]) for s in SPLITS}})
-    mlflow.set_tags({CACHE_KEY_TAG: info["cache_key"], CACHE_REUSED_TAG: info["reused"]})
+    mlflow.set_tags({RAW_DIGEST_TAG: info["raw_digest"], CACHE_KEY_TAG: info["cache_key"],
+                     CACHE_REUSED_TAG: info["reused"]})
     mlflow.log_artifact(str(path), artifact_path=PREPARED_ARTIFACT)
     log_datasets(splits, info["source"])
     counts = pd.DataFrame({s: splits.class_counts(s) for s in SPLITS}).rename_axis("class").reset_index()

@@ -3,6 +3,7 @@
 import tempfile
 import warnings
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -12,27 +13,49 @@ from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits
 from pipeline.errors import PipelineError
 from pipeline.names import DATASET_CONTEXTS
 
-_datasets: dict[int, tuple[weakref.ref, dict]] = {}  # id(splits) -> (the splits, their MLflow datasets)
 
+@dataclass(frozen=True)
+class Described:
+    """What the datasets of one Splits object are recorded with: their source and each split's digest."""
+
+    source: str
+    digests: dict[str, str]
+
+
+# id(splits) -> its description, for as long as that Splits object lives. Only these few strings are kept:
+# an MLflow dataset holds its arrays, which must go with their Splits object, not stay for the process's life.
+_described: dict[int, Described] = {}
+
+
+def described(splits: Splits, source: str) -> Described:
+    """The source and digests of ``splits``, worked out once per Splits object in this process.
+
+    A digest reads every byte of its split, so every trial of a study reuses them.
+    MLflow keeps one dataset per name and digest in an experiment: the first source recorded stays.
+    """
+    key = id(splits)
+    if key not in _described:
+        _described[key] = Described(source, {s: array_digest(*splits.arrays(s)) for s in SPLITS})
+        weakref.finalize(splits, _described.pop, key, None)  # before another object can take its id
+    return _described[key]
+
+
+def split_digest(splits: Splits, split: str) -> str:
+    """The digest of one split (as its MLflow dataset records it), worked out once per Splits object."""
+    return described(splits, "prepared splits").digests[split]
 
 
 def datasets_of(splits: Splits, source: str) -> dict:
-    """The three splits as MLflow datasets, made once per Splits object in this process.
-
-    The digest reads every byte (0.13 s for the training split), so every trial of a study reuses it.
-    MLflow keeps one dataset per name and digest in an experiment: the first source recorded stays.
-    """
-    cached = _datasets.get(id(splits))
-    if cached is None or cached[0]() is not splits:
-        made = {}
-        for split in SPLITS:
-            x, y = splits.arrays(split)
-            with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
-                warnings.filterwarnings("ignore", message="The specified dataset source")
-                made[split] = mlflow.data.from_numpy(x, targets=y, source=source, name=f"fashion-mnist-{split}",
-                                                     digest=array_digest(x, y))
-        cached = _datasets[id(splits)] = (weakref.ref(splits), made)
-    return cached[1]
+    """The three splits as MLflow datasets, made afresh (they hold the arrays) from their description."""
+    about = described(splits, source)
+    made = {}
+    for split in SPLITS:
+        x, y = splits.arrays(split)
+        with warnings.catch_warnings():  # a local path matches two equivalent source types; either is right
+            warnings.filterwarnings("ignore", message="The specified dataset source")
+            made[split] = mlflow.data.from_numpy(x, targets=y, source=about.source, name=f"fashion-mnist-{split}",
+                                                 digest=about.digests[split])
+    return made
 
 
 def log_datasets(splits: Splits, source: str = "prepared splits", which=SPLITS) -> None:
@@ -50,7 +73,7 @@ def fetch_prepared(data_uri: str) -> Splits:
     """
     if Path(data_uri).exists():
         splits = Splits.load(Path(data_uri))
-        datasets_of(splits, str(Path(data_uri).resolve()))  # the datasets' source, for the runs that use them
+        described(splits, str(Path(data_uri).resolve()))  # the datasets' source, for the runs that use them
         return splits
     with tempfile.TemporaryDirectory(prefix="prepared-") as tmp:  # the arrays are in memory once loaded
         try:
@@ -61,7 +84,7 @@ def fetch_prepared(data_uri: str) -> Splits:
                 "prepare run's artifact URI (runs:/<run_id>/prepared) or a local prepared folder"
             )
         splits = Splits.load(Path(local))
-    datasets_of(splits, f"prepared splits: {data_uri}")  # MLflow has no dataset source type for runs:/ URIs
+    described(splits, f"prepared splits: {data_uri}")  # MLflow has no dataset source type for runs:/ URIs
     return splits
 
 

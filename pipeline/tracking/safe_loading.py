@@ -18,7 +18,9 @@ model (evaluate, predict, serve, tune) goes through ``checked_copy``:
    an MLmodel (read as plain YAML) with only the keys the project writes, each key that makes MLflow
    import or load something holding the project's own value;
 3. the copy is loaded with pickle deserialization switched off, so that MLflow also checks every record
-   inside the ``.pt2`` archive is plain tensors or JSON before ``torch.export.load`` reads it.
+   inside the ``.pt2`` archive is plain tensors or JSON before ``torch.export.load`` reads it. MLflow reads
+   that switch from the environment only (``MLFLOW_ALLOW_PICKLE_DESERIALIZATION``): every command sets it
+   at its start (``pipeline.cli``), and a caller that has not is refused rather than loaded unchecked.
 """
 
 import contextlib
@@ -29,7 +31,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import yaml
-from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION, MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+from mlflow.environment_variables import MLFLOW_ALLOW_PICKLE_DESERIALIZATION
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PipelineError
@@ -159,21 +161,6 @@ def check_mlmodel(folder: Path, model_uri: str) -> None:
             raise refused(model_uri, f"its {name} flavor's {key} is {short(flavor.get(key))}, not {value!r}")
 
 
-@contextlib.contextmanager
-def mlflow_settings(**values: str):
-    """MLflow's environment switches set for the duration, then restored as they were."""
-    before = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def check_before_copying(model_uri: str) -> None:
     """Refuse what can be refused before a byte is copied: an unsupported URI, a local folder that is not
     shaped like a model, a model whose folder (as MLflow lists it) holds other files or too many bytes."""
@@ -202,9 +189,8 @@ def checked_copy(model_uri: str):
     temporary folder is removed whichever ends the command."""
     check_before_copying(model_uri)
     with interrupts_raise_keyboard_interrupt(), tempfile.TemporaryDirectory(prefix="model-") as tmp:
-        try:  # a few small files: no progress bar (it would interleave with the command's own output)
-            with mlflow_settings(**{MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name: "false"}):
-                local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
         except Exception as e:  # MLflow raises many types for a bad URI: not found, malformed, ...
             raise PipelineError(f"cannot load model '{model_uri}' ({one_line(e)}); use {URI_FORMS}")
         check_folder(local, model_uri)
@@ -215,15 +201,17 @@ def checked_copy(model_uri: str):
 def load_checked(folder: Path, model_uri: str):
     """The torch module of a folder ``checked_copy`` made."""
     # MLflow's own switch: pickled payloads refused, every record of the pt2 archive checked
-    with mlflow_settings(**{MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name: "false"}):
-        try:
-            return mlflow.pytorch.load_model(str(folder))
-        except MlflowException as e:
-            if "pickle" in str(e):  # MLflow found a pickled record inside the pt2 archive
-                raise refused(model_uri, "its model.pt2 archive holds pickled records")
-            raise PipelineError(f"cannot load model '{model_uri}' ({clip(e.message)})")
-        except Exception as e:  # a corrupt archive: zip, torch.export errors
-            raise PipelineError(f"cannot load model '{model_uri}' ({one_line(e)})")
+    if MLFLOW_ALLOW_PICKLE_DESERIALIZATION.get():
+        raise PipelineError(f"cannot load model '{model_uri}' with MLflow's check of its archive switched off: "
+                            f"set {MLFLOW_ALLOW_PICKLE_DESERIALIZATION.name}=false (every pipeline command does)")
+    try:
+        return mlflow.pytorch.load_model(str(folder))
+    except MlflowException as e:
+        if "pickle" in str(e):  # MLflow found a pickled record inside the pt2 archive
+            raise refused(model_uri, "its model.pt2 archive holds pickled records")
+        raise PipelineError(f"cannot load model '{model_uri}' ({clip(e.message)})")
+    except Exception as e:  # a corrupt archive: zip, torch.export errors
+        raise PipelineError(f"cannot load model '{model_uri}' ({one_line(e)})")
 
 
 def load_model(model_uri: str):

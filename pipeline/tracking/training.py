@@ -12,11 +12,11 @@ from tqdm import tqdm
 from pipeline.config import TrainConfig
 from pipeline.core import figures
 from pipeline.core.models import build_model
-from pipeline.core.splits import Splits, array_digest
+from pipeline.core.splits import Splits
 from pipeline.core.training import DivergedError, FitResult, Tensors, fit
 from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
 from pipeline.runtime.signals import held_during_write
-from pipeline.tracking.datasets import log_datasets
+from pipeline.tracking.datasets import log_datasets, split_digest
 from pipeline.tracking.logged_models import log_model, model_name
 from pipeline.tracking.runs import log_epoch, log_new_params
 
@@ -57,7 +57,7 @@ def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
     """Before training, on the active run: the settings, and the data it learns from and chooses by."""
     log_new_params(asdict(cfg))
     # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
-    mlflow.set_tag(VAL_DIGEST_TAG, array_digest(splits.val_x, splits.val_y))
+    mlflow.set_tag(VAL_DIGEST_TAG, split_digest(splits, "val"))
     log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
 
 

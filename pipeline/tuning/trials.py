@@ -153,10 +153,6 @@ def ask_trial(worker: Worker, shuffle_offset: int = 0) -> TrialRun | None:
     settings record it, so that the trial trained alone with them gives the same result).
     """
     cfg = worker.cfg
-    # Fresh samplers, seeded by the study's seed and the trial: the same study for the same seed with one
-    # worker, and different draws for workers anywhere that ask at the same moment. One for what Optuna
-    # draws when the trial is asked (a GP sampler's joint draw), one for what it draws later by name.
-    worker.study.sampler = sampler_for(cfg, f"after {len(worker.study.get_trials(deepcopy=False))} trials")
     with warnings.catch_warnings():  # Optuna warns that heartbeats belong to optimize: ``Heartbeats`` records them
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
         trial = worker.study.ask()
@@ -167,7 +163,11 @@ def ask_trial(worker: Worker, shuffle_offset: int = 0) -> TrialRun | None:
         return None
     number = trial_id(worker.storage, worker.study, trial.number)
     worker.heartbeats.add(number)
-    worker.study.sampler = sampler_for(cfg, f"trial {trial.number}")  # each trial's number is its own
+    # A fresh sampler, seeded by the study's seed and this trial's number, which the storage gives each trial
+    # once: the same study for the same seed with one worker, and different points for workers anywhere that
+    # ask at the same moment (a seed from the count of trials so far would be the same for both). Optuna
+    # draws a trial's values when they are first suggested, a GP sampler's joint draw included.
+    worker.study.sampler = sampler_for(cfg, f"trial {trial.number}")
     train_cfg = TrainConfig(**suggest_params(trial, worker.space), batch_size=cfg.batch_size,
                             patience=cfg.patience, seed=cfg.seed, shuffle_offset=shuffle_offset)
     name = f"trial-{trial.number}"

@@ -40,9 +40,6 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
     Any number of workers may do this at once, on this machine and others; trials still running
     elsewhere hold their place, so that the workers together stop at the total.
     """
-    # One thread per worker: a 784x10 matrix product gains nothing from more, and threads that
-    # spin-wait for each other run far slower when the cores are shared. Use --workers for more cores.
-    torch.set_num_threads(1)
     storage = open_storage(cfg)
     study = optuna.load_study(study_name=cfg.study_name, storage=storage, pruner=make_pruner(cfg.pruner, space))
     # Ctrl-C and SIGTERM stop the trials only at safe points, between the stores' writes (why: signals.py)
@@ -56,8 +53,10 @@ def work_on_study(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: m
 
 
 def worker_process(cfg: TuneConfig, space: SearchSpace, data: Path, parent: mlflow.entities.RunInfo,
-                   tracking_uri: str) -> None:
-    """Entry point of a ``--workers`` process (spawned: a fresh interpreter)."""
+                   tracking_uri: str, threads: int) -> None:
+    """Entry point of a ``--workers`` process (spawned: a fresh interpreter); ``threads``: its parent's
+    PyTorch threads (``ThreadsConfig``), which a fresh interpreter does not inherit."""
+    torch.set_num_threads(threads)
     mlflow.set_tracking_uri(tracking_uri)
     quiet_store_tracebacks()  # as the CLI does in its own process
     try:
@@ -98,7 +97,8 @@ def run_workers(cfg: TuneConfig, space: SearchSpace, splits: Splits, parent: mlf
     with tempfile.TemporaryDirectory(prefix="tune-workers-") as folder, interrupts_at_safe_points() as interrupted:
         data = splits.save(Path(folder))
         processes = [context.Process(target=worker_process, name=f"tune-worker-{i}",
-                                     args=(cfg, space, data, parent, mlflow.get_tracking_uri()))
+                                     args=(cfg, space, data, parent, mlflow.get_tracking_uri(),
+                                           torch.get_num_threads()))
                      for i in range(cfg.workers)]
         try:
             for p in processes:

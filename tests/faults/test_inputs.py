@@ -199,6 +199,14 @@ def test_predict_on_test_images_without_data_opens_no_run(mlflow_store, fake, tm
     assert run_statuses(mlflow_store) == before == {"train": ["FINISHED"]}
 
 
+def test_predict_refuses_a_negative_test_count_in_one_line(mlflow_store):
+    done = run_in_process("predict", "--model-uri", "models:/m-none", "--test", "-3")
+    assert done.returncode == 2
+    assert [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("Error:")] == \
+           ["Error: Invalid value for '--test': -3 is not in the range x>=0."]
+    assert run_statuses(mlflow_store) == {}  # refused before any model is loaded or run opened
+
+
 # ---------------------------------------------------------------------------------------------------
 # Hostile experiment files: refused in one line, naming the file and the line, before any run
 

@@ -70,7 +70,8 @@ def hostile_champion(mlflow_store, tmp_path):
 def test_the_hostile_model_really_runs_its_command_under_plain_mlflow(hostile_champion, subprocess_env):
     # The oracle that the attack is real: MLflow's own loader, with its defaults, runs the command.
     code = f"import mlflow\ntry:\n    mlflow.pytorch.load_model('{CHAMPION_URI}')\nexcept Exception:\n    pass"
-    subprocess.run([sys.executable, "-c", code], env=subprocess_env, timeout=300, check=True)
+    env = {**subprocess_env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}  # MLflow's default
+    subprocess.run([sys.executable, "-c", code], env=env, timeout=300, check=True)
     assert hostile_champion.exists()
 
 
@@ -96,7 +97,7 @@ def test_refused_even_with_pickle_allowed_in_the_environment(hostile_champion, m
     with pytest.raises(safe_loading.PipelineError, match="refusing.*model.pth"):
         load_model(CHAMPION_URI)
     assert not hostile_champion.exists()
-    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # restored after the load
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"  # the library leaves the environment alone
 
 
 def test_a_model_folder_shipping_code_is_refused(mlflow_store, tmp_path):
@@ -117,6 +118,26 @@ def test_the_projects_own_model_still_loads_with_pickle_disallowed(mlflow_store,
     loaded = load_model(info.model_uri)  # goes through MLflow's check that the pt2 archive holds no pickle
     x = torch.rand(5, 1, 28, 28)
     torch.testing.assert_close(loaded(x), result.model(x))
+
+
+@pytest.mark.slow
+def test_mlflows_check_is_on_in_every_command_and_never_skipped(mlflow_store, data_slice, subprocess_env,
+                                                                monkeypatch):
+    """MLflow reads its switch from the environment only: each command sets it at its start, whatever the
+    user's environment says; a library caller that left the check off is refused, never loaded unchecked."""
+    from pipeline.config import TrainConfig
+    from pipeline.tracking.training import train
+
+    with mlflow.start_run():
+        _, info = train(TrainConfig(epochs=1), data_slice[0], progress=False)
+    env = {**subprocess_env, "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "true"}
+    done = run_cli(env, "predict", "--model-uri", info.model_uri, "--data", str(data_slice[1]), "--test", "2")
+    assert done.returncode == 0 and done.stdout.count("test[") == 2, done.stderr[-3000:]
+
+    monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
+    with pytest.raises(safe_models.PipelineError, match="check of its archive switched off"):
+        load_model(info.model_uri)
+    assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"
 
 
 # ---------------------------------------------------------------------------------------------------
