@@ -135,7 +135,7 @@ def test_mlflows_check_is_on_in_every_command_and_never_skipped(mlflow_store, da
     assert done.returncode == 0 and done.stdout.count("test[") == 2, done.stderr[-3000:]
 
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true")
-    with pytest.raises(safe_models.PipelineError, match="check of its archive switched off"):
+    with pytest.raises(safe_loading.PipelineError, match="check of its archive switched off"):
         load_model(info.model_uri)
     assert os.environ["MLFLOW_ALLOW_PICKLE_DESERIALIZATION"] == "true"
 
