@@ -50,6 +50,7 @@ CODE_VERSION_TAG = "pipeline.code_version"  # git commit (+ hash of uncommitted 
 STEP_TAG = "pipeline.step.{}"  # on main: the run id of each step; + ".reused"
 STUDY_TAG = "pipeline.study_name"  # on trial runs, tune runs and the main run that started the study
 VAL_DIGEST_TAG = "pipeline.val_digest"  # on a training run: digest of the validation split it was chosen on
+PARAMETER_COUNT = "parameter_count"  # param of a training run: how many numbers its model learns
 DELIVERED_PREFIX = "delivered_"  # main's params delivered_lr, ...: the settings of the model it delivers
 DELIVERED_RUN_TAG = "pipeline.delivered_run_id"  # on main: the run that trained the delivered model
 TRIAL_TAG = "pipeline.trial_number"

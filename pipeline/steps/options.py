@@ -17,7 +17,7 @@ def option_for(field: dataclasses.Field, only: tuple[str, ...] = ()):
     entry point does not declare as ``--<name as typed> <value>`` (see MLproject's ``main``).
     """
     meta = field.metadata
-    kind = click.Choice(meta["choices"]) if "choices" in meta else field.type
+    kind = click.Choice(list(meta["choices"])) if "choices" in meta else field.type
     required = field.default is dataclasses.MISSING
     names = ["--" + field.name.replace("_", "-")]
     if field.name in only and "_" in field.name:

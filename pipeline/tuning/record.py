@@ -20,8 +20,8 @@ from pipeline.names import (
 )
 from pipeline.tuning.search import training_params
 
-SEARCHED = ["lr", "epochs", "weight_decay"]
-LOG_SCALE = {"lr", "weight_decay"}
+SEARCHED = ["lr", "epochs", "weight_decay", "hidden_units", "dropout"]  # the figures show those the study drew
+LOG_SCALE = {"lr", "weight_decay", "hidden_units"}
 
 
 def log_trials_table(study: optuna.Study) -> None:

@@ -168,8 +168,9 @@ def ask_trial(worker: Worker, shuffle_offset: int = 0) -> TrialRun | None:
     number = trial_id(worker.storage, worker.study, trial.number)
     worker.heartbeats.add(number)
     worker.study.sampler = sampler_for(cfg, f"trial {trial.number}")  # each trial's number is its own
-    train_cfg = TrainConfig(**suggest_params(trial, worker.space), batch_size=cfg.batch_size,
-                            patience=cfg.patience, seed=cfg.seed, shuffle_offset=shuffle_offset)
+    train_cfg = TrainConfig(**suggest_params(trial, worker.space, cfg.model), model=cfg.model,
+                            batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed,
+                            shuffle_offset=shuffle_offset)
     name = f"trial-{trial.number}"
     run = MlflowClient().create_run(
         worker.parent.experiment_id, run_name=name,
