@@ -5,7 +5,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, TrainConfig
 from pipeline.core.models import build_model
 from pipeline.core.splits import array_digest, prepare_splits
 from pipeline.names import CHAMPION, MODEL_NAME, SPLIT_CHAMPION, VERSION_VAL_DIGEST_TAG
@@ -32,7 +32,7 @@ def tiny_split(real_data_dir, tmp_path_factory):
 def register(splits, val_accuracy: float, digest: str) -> dict:
     """A real logged model, offered to the registry as chosen on the split with ``digest``."""
     with mlflow.start_run():
-        info = log_model(build_model(0), splits.val_x[:4], step=0)
+        info = log_model(build_model(TrainConfig()), splits.val_x[:4], step=0)
         return promote_if_better(info.model_uri, val_accuracy, digest)
 
 

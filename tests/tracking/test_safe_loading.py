@@ -24,6 +24,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.config import TrainConfig
 from pipeline.core.models import build_model
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.tracking import safe_loading
@@ -125,7 +126,7 @@ def test_the_projects_own_model_still_loads_with_pickle_disallowed(mlflow_store,
 
 def save_our_model(folder: Path) -> Path:
     """A model saved by MLflow exactly as ``tracking.log_model`` logs one (pt2, our signature)."""
-    mlflow.pytorch.save_model(build_model(0), str(folder), signature=model_signature(),
+    mlflow.pytorch.save_model(build_model(TrainConfig()), str(folder), signature=model_signature(),
                               input_example=np.zeros((2, 1, 28, 28), np.float32), pip_requirements=[])
     return folder
 
