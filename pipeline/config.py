@@ -7,7 +7,7 @@ This module imports neither torch, MLflow nor Optuna: the ``main`` process reads
 """
 
 import math
-from dataclasses import MISSING, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from pipeline.errors import HTTP_RETRIES, HTTP_TIMEOUT, short_repr
 
@@ -136,6 +136,14 @@ def settings_of_other_models(config, model: str) -> list[str]:
                 problems.append(f"{name} is a setting of model {other}; model {model} has none: drop it, "
                                 f"or pass --model {other}")
     return problems
+
+
+def acting_settings(config) -> dict:
+    """``config``'s fields as a dict, less the settings of models other than ``config.model`` (they do
+    not act, so they are not logged)."""
+    own = set(MODELS[config.model].settings)
+    idle = {name for choice in MODELS.values() for name in choice.settings} - own
+    return {k: v for k, v in asdict(config).items() if k not in idle}
 
 
 @dataclass(frozen=True)

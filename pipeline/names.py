@@ -6,11 +6,17 @@ run. Plain strings only: importing this module costs nothing (no torch, MLflow o
 """
 
 # --- The model registry ----------------------------------------------------------------------------
-MODEL_NAME = "fashion-mnist-softmax"  # the registered model
-CHAMPION = "champion"  # alias of the version with the best validation accuracy
+REGISTERED_MODEL = "fashion-mnist-{}"  # one registered model per model family (softmax, mlp, ...)
+MODEL_NAME = REGISTERED_MODEL.format("softmax")  # the default model's: what `make serve` serves
+CHAMPION = "champion"  # alias of the best version validated on the default (full-data) split
 VERSION_VAL_ACCURACY_TAG = "val_accuracy"  # on each model version: what the champion is chosen by
 VERSION_VAL_DIGEST_TAG = "val_digest"  # on each model version: the validation split it was chosen on
 SPLIT_CHAMPION = CHAMPION + "-{}"  # alias of the best version among those validated on one split (its digest)
+VERSION_MODEL_TAG = "model"  # on each model version: its model family (softmax, mlp, ...)
+VERSION_DEFAULT_SPLIT_TAG = "default_split"  # on each model version: "true" if chosen on the default split
+# on each logged model: its family, and a digest of its weights (the registry never registers one twice)
+MODEL_FAMILY_TAG = "pipeline.model"
+WEIGHTS_DIGEST_TAG = "pipeline.weights_digest"
 
 # --- The MLflow experiment ------------------------------------------------------------------------
 EXPERIMENT_NAME = "fashion-mnist-softmax"  # runs go here unless MLFLOW_EXPERIMENT_NAME / _ID say otherwise
@@ -80,3 +86,4 @@ RECIPE_ATTR = "recipe"  # the seed recipe's trial
 OWNER_ATTR = "owner"  # the process running a trial, as OWNER_TAG
 STUDY_BEST_MODEL_ATTR = "best_model_uri"  # on the study
 STUDY_DATA_ATTRS = ("train_digest", "val_digest")  # on the study: the data its trials trained and chose on
+STUDY_MODEL_ATTR = "model"  # on the study: the model family its trials train

@@ -28,16 +28,16 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import ExecutionException
 
-from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig
+from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, DataConfig, MainConfig, TrainConfig, acting_settings
 from pipeline.core.stats import TEST_METRICS, format_interval
 from pipeline.errors import PipelineError
 from pipeline.names import (
     BEST_MODEL_TAG,
     CODE_VERSION_TAG,
     FAILURE_TAG,
-    MODEL_NAME,
     MODEL_URI_TAG,
     PREPARED_ARTIFACT,
+    REGISTERED_MODEL,
     STEP_TAG,
     STUDY_TAG,
 )
@@ -196,7 +196,7 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     prepare = run_step("prepare", step_parameters("prepare", asdict(data)), cfg.force)
     data_uri = f"runs:/{prepare.info.run_id}/{PREPARED_ARTIFACT}"
     # main's params: the settings that act in this mode (storage is on the tune run, password hidden)
-    acted = {**asdict(data), "trials": cfg.trials, "force": cfg.force, "seed": train.seed,
+    acted = {**asdict(data), "trials": cfg.trials, "force": cfg.force, "model": train.model, "seed": train.seed,
              "batch_size": train.batch_size}
     if cfg.trials > 0:
         # one study per prepared split by default: trials on other data must not mix into it
@@ -207,11 +207,11 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
         # the study keeps its own patience (see TuneConfig): SGD's noisy val accuracy needs a longer one
         overrides = {"study_name": study_name, "data": data_uri,
                      "trials": cfg.trials, "test_best": False, "storage": absolute_sqlite_url(cfg.storage),
-                     "seed": train.seed, "batch_size": train.batch_size}
+                     "model": train.model, "seed": train.seed, "batch_size": train.batch_size}
         model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
         model_uri = model_run.data.tags.get(BEST_MODEL_TAG)
     else:
-        log_new_params({**acted, **asdict(train)})
+        log_new_params({**acted, **acting_settings(train)})
         model_run = run_step("train", step_parameters("train", {**asdict(train), "data": data_uri}), cfg.force)
         model_uri = model_run.data.tags.get(MODEL_URI_TAG)
     if not model_uri:
@@ -228,8 +228,10 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig) -> dict:
     # one registration at a time: two mains that reach here together would both register (or both set
     # an alias: MLflow's alias insert is not atomic, the second fails with a UNIQUE constraint)
     experiment_id = mlflow.active_run().info.experiment_id
-    with identical_steps_one_at_a_time(experiment_id, "register", {"model": MODEL_NAME}, ""):
-        decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
+    registered = REGISTERED_MODEL.format(train.model)
+    with identical_steps_one_at_a_time(experiment_id, "register", {"model": registered}, ""):
+        decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"],
+                                     default_split=data == DataConfig(data_dir=data.data_dir))
     return {**headline, "model_uri": model_uri, "registry": decision}
 
 

@@ -1,4 +1,5 @@
-"""Command ``tune``: an Optuna study of learning rate, epochs and weight decay (``pipeline.tuning.study``)."""
+"""Command ``tune``: an Optuna study of learning rate, epochs, weight decay and the model's own settings
+(``pipeline.tuning.study``)."""
 
 
 import click
@@ -15,7 +16,7 @@ from pipeline.tuning.study import run_study
 @click.command("tune")
 @options_from(TuneConfig, SearchSpace, DataInput)
 def tune_command(data, **options):
-    space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options)
+    space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options).resolved()
     open_tracking_store()
     end_runs_of_dead_processes()
     # system metrics (CPU, memory, disk, network: system/* every 10 s, psutil) show what a long study used

@@ -1,15 +1,16 @@
 """Logging a trained model: pt2 format, a signature, a name that says how it was trained."""
 
 import functools
+import hashlib
 from importlib.metadata import version
 
 import mlflow
 import numpy as np
 from mlflow.models import ModelSignature, infer_signature
 
-from pipeline.config import IMAGE_SIZE, MODELS, NUM_CLASSES
+from pipeline.config import DEFAULT_MODEL, IMAGE_SIZE, MODELS, NUM_CLASSES
 from pipeline.core.splits import to_tensor
-from pipeline.names import MODEL_ARTIFACT
+from pipeline.names import MODEL_ARTIFACT, MODEL_FAMILY_TAG, WEIGHTS_DIGEST_TAG
 
 
 @functools.cache
@@ -43,12 +44,27 @@ def model_name(cfg) -> str:
     return "-".join(parts).replace(".", "_")
 
 
-def log_model(model, example_images: np.ndarray, step: int, name: str = MODEL_ARTIFACT):
-    """Log the model (pt2 format, exported with a real batch of images) and return its ModelInfo."""
+def weights_digest(model) -> str:
+    """SHA-256 of the model's parameters and buffers, by name: the same weights, the same digest."""
+    h = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def log_model(model, example_images: np.ndarray, step: int, name: str = MODEL_ARTIFACT,
+              family: str = DEFAULT_MODEL):
+    """Log the model (pt2 format, exported with a real batch of images) and return its ModelInfo.
+
+    The logged model is tagged with its family (``config.MODELS``) and the digest of its weights, which the
+    registry reads (``pipeline.tracking.registry``).
+    """
     example = to_tensor(example_images).numpy()
     return mlflow.pytorch.log_model(
         model, name=name, signature=model_signature(), input_example=example,
         pip_requirements=pip_requirements(), step=step,
+        tags={MODEL_FAMILY_TAG: family, WEIGHTS_DIGEST_TAG: weights_digest(model)},
     )
 
 

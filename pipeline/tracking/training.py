@@ -4,24 +4,16 @@ The loop itself is plain PyTorch (``pipeline.core.training.fit``). The ``train``
 and experiment files all train through ``train`` here, so every training run logs the same things.
 """
 
-from dataclasses import asdict
 
 import mlflow
 from tqdm import tqdm
 
-from pipeline.config import MODELS, TrainConfig
+from pipeline.config import MODELS, TrainConfig, acting_settings
 from pipeline.core import figures
 from pipeline.core.models import build_model, parameter_count
 from pipeline.core.splits import Splits, array_digest
 from pipeline.core.training import DivergedError, FitResult, Tensors, fit
-from pipeline.names import (
-    CURVES_FIGURE,
-    FAILURE_TAG,
-    MODEL_URI_TAG,
-    PARAMETER_COUNT,
-    STOPPED_EARLY_TAG,
-    VAL_DIGEST_TAG,
-)
+from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, PARAMETER_COUNT, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
 from pipeline.runtime.signals import held_during_write
 from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.logged_models import log_model, model_name
@@ -60,13 +52,6 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
     return result, log_fit_result(result, splits, cfg)
 
 
-def acting_settings(cfg: TrainConfig) -> dict:
-    """The settings that act for ``cfg.model``: every field but the other models' own settings."""
-    own = set(MODELS[cfg.model].settings)
-    idle = {name for choice in MODELS.values() for name in choice.settings} - own
-    return {k: v for k, v in asdict(cfg).items() if k not in idle}
-
-
 def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
     """Before training, on the active run: the settings, the model's size, and the data it learns from and
     chooses by."""
@@ -83,7 +68,8 @@ def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
     """
     mlflow.log_figure(figures.training_curves(result.history, MODELS[cfg.model].title), CURVES_FIGURE)
     result.model.eval()  # exported as it predicts: dropout off
-    model_info = log_model(result.model, splits.val_x[:4], step=result.best_epoch, name=model_name(cfg))
+    model_info = log_model(result.model, splits.val_x[:4], step=result.best_epoch, name=model_name(cfg),
+                           family=cfg.model)
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)

@@ -15,7 +15,6 @@ import optuna
 
 from pipeline.config import DEFAULT_MODEL, MODELS, SearchSpace, TrainConfig, TuneConfig
 
-
 # How tune draws each model's own settings (config.MODELS), for the models that have them
 MODEL_SETTINGS = {
     "hidden_units": lambda trial, space: trial.suggest_int("hidden_units", space.hidden_units_low,

@@ -18,9 +18,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from pipeline.config import JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS, SearchSpace, TuneConfig, is_journal
+from pipeline.config import DEFAULT_MODEL, JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS, SearchSpace, TuneConfig, is_journal
 from pipeline.errors import PipelineError, causes, fault_of, file_fault, from_optuna_storage, printable_url
-from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
+from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, STUDY_DATA_ATTRS, STUDY_MODEL_ATTR, TRIAL_STATE_TAG
 from pipeline.runtime.store_files import create_if_new, creation_lock
 from pipeline.tuning.search import seed_recipe_params
 
@@ -174,6 +174,8 @@ def check_same_data(study: optuna.Study, data: dict[str, str], where: str, wait_
     while not any(recorded.values()) and not study.trials and time.monotonic() < deadline:
         time.sleep(0.2)
         recorded = {k: study.user_attrs.get(k) for k in data}
+    if recorded.get(STUDY_MODEL_ATTR) is None and study.user_attrs.get(STUDY_DATA_ATTRS[0]):
+        recorded[STUDY_MODEL_ATTR] = DEFAULT_MODEL  # a study from before models were a setting: softmax
     if recorded == data:
         return
     raise PipelineError(

@@ -82,7 +82,8 @@ def test_patience_zero_runs_every_epoch(tensors):
 
 def test_test_curve_only_when_asked(tensors):
     assert "test_accuracy" not in fit(build_model(TrainConfig()), tensors, TrainConfig(epochs=1)).history[0]
-    assert "test_accuracy" in fit(build_model(TrainConfig()), tensors, TrainConfig(epochs=1, log_test_curve=True)).history[0]
+    with_curve = TrainConfig(epochs=1, log_test_curve=True)
+    assert "test_accuracy" in fit(build_model(TrainConfig()), tensors, with_curve).history[0]
 
 
 def test_diverging_loss_raises(tensors):
