@@ -183,3 +183,24 @@ def promote_by_hand(model: str, version: str) -> str:
     return (f"{CHAMPION} of {name} is now version {target.version} (a {target.tags.get(VERSION_MODEL_TAG, model)} "
             f"model chosen on {split}); a model registered later on the default split takes it back if it "
             "validates better, or at once if this one was chosen on another split")
+
+
+def described_version(model_uri: str) -> str:
+    """For ``models:/<name>@<alias>`` and ``models:/<name>/<version>``: which version that is and what model it
+    holds, e.g. ``version 3, model softmax, chosen on the default split``; empty for other URIs."""
+    if not model_uri.startswith("models:/"):
+        return ""
+    name, _, rest = model_uri.removeprefix("models:/").partition("@")
+    client = MlflowClient()
+    try:
+        if rest:
+            version = client.get_model_version_by_alias(name, rest)
+        elif "/" in name:
+            name, number = name.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+        else:
+            return ""  # models:/<model_id>: a logged model, not a registered version
+    except MlflowException:
+        return ""
+    split = "the default split" if on_default_split(version) else f"split {version.tags.get(VERSION_VAL_DIGEST_TAG)}"
+    return f"version {version.version}, model {version.tags.get(VERSION_MODEL_TAG, 'softmax')}, chosen on {split}"
