@@ -12,16 +12,18 @@ split is the default one (all the data, the default validation split: tag ``defa
 
 - ``champion-<digest>``: the best version among those chosen on that split;
 - ``champion`` (what ``make serve`` serves): the best version chosen on the default split. A version chosen
-  on any other split (a smoke run with ``limit``) never takes it; a default-split version takes it from a
-  holder chosen on another split. ``python -m pipeline promote`` moves it by hand.
+  on any other split (a smoke run with ``limit``) never takes it. ``python -m pipeline promote`` moves it
+  by hand; the next default-split registration moves it back to the default split's best.
 
 The same weights chosen on the same split are registered once (the logged model's weights digest): a study
 resumed with the same seed that trains the same trials again finds its version. Registering and moving an
 alias can race with another process (here or on another machine): MLflow's alias update is a read then an
-insert, so the loser of a race gets an error; ``contest`` then reads the holder again and decides again, and
-checks after each move that the alias still holds the better version.
+insert (the loser of a race gets an error) and offers no compare-and-set. So an alias is pointed at the best
+eligible version of all, read afresh, and read back after each move until it holds that version; a move
+made on a stale read is then made again by the process that made it.
 """
 
+import contextlib
 import time
 
 import mlflow
@@ -44,7 +46,7 @@ from pipeline.names import (
     WEIGHTS_DIGEST_TAG,
 )
 
-ATTEMPTS = 5  # decisions in a row that another process may undo before contest gives up
+ATTEMPTS = 5  # moves in a row that other processes may undo before contest gives up
 SETTLE_SECONDS = 0.2  # between a move and the check that it held: long enough for a racing write to land
 
 
@@ -91,36 +93,45 @@ def register_once(client: MlflowClient, model_uri: str, name: str, tags: dict, v
     return version, True
 
 
-def contest(client: MlflowClient, name: str, alias: str, version, val_accuracy: float,
-            takes_over=lambda holder: False) -> tuple[bool, str]:
-    """Move ``alias`` to ``version`` if its val accuracy beats the holder's (or if ``takes_over(holder)``:
-    the holder was chosen on a split that cannot hold the alias). Returns (moved, reason).
+def best_version(client: MlflowClient, name: str, eligible):
+    """The version of ``name`` with the best val accuracy among those ``eligible`` (the earliest among equals)."""
+    versions = [v for v in client.search_model_versions(f"name = '{name}'") if eligible(v)]
+    return max(versions, key=lambda v: (held_accuracy(v), -int(v.version)), default=None)
 
-    Another process may move the alias at the same moment: a failed move, or one that another process undid,
-    is decided again from the holder read anew.
+
+def contest(client: MlflowClient, name: str, alias: str, version, val_accuracy: float, eligible) -> tuple[bool, str]:
+    """Point ``alias`` at the best ``eligible`` version, now that ``version`` (val accuracy ``val_accuracy``)
+    is registered. Returns (moved to ``version``, reason).
+
+    The alias is decided from all eligible versions, not from its holder alone, and read back after each move:
+    a process that moved it on a stale read (another process registered a better version meanwhile) sees that
+    it does not hold the best, and moves it again; a move that fails (the other process inserted the alias
+    first) is decided again too.
     """
-    moved = False
+    before = alias_holder(client, name, alias)
     for _ in range(ATTEMPTS):
-        holder = alias_holder(client, name, alias)
-        if holder is not None and holder.version == version.version:
-            return moved, (f"version {version.version} is the {alias}" if moved else
-                           f"version {version.version} already is the {alias}")
-        if holder is not None and not takes_over(holder) and not val_accuracy > held_accuracy(holder):
-            return False, (f"val accuracy {val_accuracy:.4f} does not beat {alias} version {holder.version}'s "
-                           f"{held_accuracy(holder):.4f}")
-        reason = ("first " + alias if holder is None else
-                  f"version {holder.version} was chosen on another split" if takes_over(holder) else
-                  f"val accuracy {val_accuracy:.4f} beats version {holder.version}'s {held_accuracy(holder):.4f}")
-        try:
-            client.set_registered_model_alias(name, alias, version.version)
-        except MlflowException:  # another process inserted the alias first: read it again
-            continue
+        best, holder = best_version(client, name, eligible), alias_holder(client, name, alias)
+        if holder is not None and holder.version == best.version:
+            return explained(alias, version, val_accuracy, before, holder)
+        with contextlib.suppress(MlflowException):  # another process inserted the alias first: read it again
+            client.set_registered_model_alias(name, alias, best.version)
         time.sleep(SETTLE_SECONDS)
-        if getattr(alias_holder(client, name, alias), "version", None) == version.version:
-            return True, reason
-        moved = True  # and undone since by another process: decide again
     raise PipelineError(f"the {alias} alias of {name} kept changing while this model was being registered "
                         f"({ATTEMPTS} attempts); run the command again")
+
+
+def explained(alias: str, version, val_accuracy: float, before, holder) -> tuple[bool, str]:
+    """Whether ``alias`` moved to ``version`` (held by ``before``, now by ``holder``), and why, in words."""
+    if before is not None and before.version == version.version:
+        return False, f"version {version.version} already is the {alias}"
+    if holder.version != version.version:
+        return False, (f"val accuracy {val_accuracy:.4f} does not beat {alias} version {holder.version}'s "
+                       f"{held_accuracy(holder):.4f}")
+    if before is None:
+        return True, f"first {alias}"
+    if not on_default_split(before) and alias == CHAMPION:
+        return True, f"version {before.version} was chosen on another split"
+    return True, f"val accuracy {val_accuracy:.4f} beats version {before.version}'s {held_accuracy(before):.4f}"
 
 
 def registry_tags(model_uri: str, val_accuracy: float, val_digest: str, default_split: bool) -> dict:
@@ -148,11 +159,11 @@ def promote_if_better(model_uri: str, val_accuracy: float, val_digest: str, defa
     name = REGISTERED_MODEL.format(tags[VERSION_MODEL_TAG])
     version, new = register_once(client, model_uri, name, tags, val_digest)
     split_alias = SPLIT_CHAMPION.format(val_digest)
-    split_promoted, split_reason = contest(client, name, split_alias, version, val_accuracy)
+    split_promoted, split_reason = contest(client, name, split_alias, version, val_accuracy,
+                                           eligible=lambda v: v.tags.get(VERSION_VAL_DIGEST_TAG) == val_digest)
     champion = alias_holder(client, name, CHAMPION)
     if default_split:
-        promoted, reason = contest(client, name, CHAMPION, version, val_accuracy,
-                                   takes_over=lambda holder: not on_default_split(holder))
+        promoted, reason = contest(client, name, CHAMPION, version, val_accuracy, eligible=on_default_split)
     else:
         promoted = False
         reason = (f"not a candidate for {CHAMPION}: chosen on a split other than the default one (all the data, "
@@ -181,8 +192,8 @@ def promote_by_hand(model: str, version: str) -> str:
     client.set_registered_model_alias(name, CHAMPION, target.version)
     split = "the default split" if on_default_split(target) else f"split {target.tags.get(VERSION_VAL_DIGEST_TAG)}"
     return (f"{CHAMPION} of {name} is now version {target.version} (a {target.tags.get(VERSION_MODEL_TAG, model)} "
-            f"model chosen on {split}); a model registered later on the default split takes it back if it "
-            "validates better, or at once if this one was chosen on another split")
+            f"model chosen on {split}); the next model registered on the default split moves it back to the "
+            "default split's best version")
 
 
 def described_version(model_uri: str) -> str:
