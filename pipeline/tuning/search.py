@@ -33,7 +33,10 @@ def seed_recipe_params(space: SearchSpace, model: str = DEFAULT_MODEL) -> dict:
     params = {"lr": seed.lr, "epochs": min(seed.epochs, space.epochs_high), "use_weight_decay": seed.weight_decay > 0}
     if seed.weight_decay > 0:
         params["weight_decay"] = seed.weight_decay
-    return {**params, **{name: getattr(seed, name) for name in MODELS[model].settings}}
+    # the model's own settings, each held within the space's range as epochs are
+    own = {name: min(max(getattr(seed, name), getattr(space, f"{name}_low")), getattr(space, f"{name}_high"))
+           for name in MODELS[model].settings}
+    return {**params, **own}
 
 
 def suggest_params(trial: optuna.Trial, space: SearchSpace, model: str = DEFAULT_MODEL) -> dict:
