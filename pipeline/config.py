@@ -165,6 +165,8 @@ class TrainConfig:
     input_dropout: float = setting(0.0, "Fraction of input pixels dropped while training (overfitting remedy).",
                                    minimum=0, below=1)
     augment: bool = setting(False, "Random flips and shifts of whole batches (overfitting remedy).")
+    keep_last: bool = setting(False, "Keep the last epoch's weights, not the best validation epoch's: training "
+                                     "with no remedy at all (its best_* metrics are then the last epoch's).")
 
     def validate(self) -> None:
         problems = field_problems(self)
@@ -302,7 +304,7 @@ class MainConfig:
 # declare them, so `mlflow run` logs one only when it is given (-P), and main refuses one given in the
 # mode where it would not act (pipeline.steps.main.refuse_idle_settings) instead of ignoring it.
 MAIN_TRAIN_ONLY = ("lr", "epochs", "weight_decay", "patience", "shuffle_offset", "log_test_curve", "input_dropout",
-                   "augment", "hidden_units", "dropout")
+                   "augment", "hidden_units", "dropout", "keep_last")
 MAIN_STUDY_ONLY = ("storage", "study_name")
 
 

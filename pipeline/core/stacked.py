@@ -56,6 +56,8 @@ def check_compatible(cfgs: list[TrainConfig], first: TrainConfig, epochs_drawn: 
     orders, and a model joining after ``epochs_drawn`` orders must say it starts there; the rest may differ."""
     for cfg in cfgs:
         cfg.validate()
+        if cfg.keep_last:
+            raise ValueError("side-by-side training keeps each model's best epoch; keep_last trains one at a time")
         if cfg.model != "softmax":  # stacking K models as one matrix product is the linear model's
             raise ValueError(f"side-by-side training stacks softmax regressions only; model {cfg.model} trains one "
                              "at a time")

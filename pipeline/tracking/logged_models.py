@@ -41,6 +41,8 @@ def model_name(cfg) -> str:
         parts.append(f"indrop{cfg.input_dropout:.3g}")
     if cfg.augment:
         parts.append("augment")
+    if cfg.keep_last:
+        parts.append("last")
     return "-".join(parts).replace(".", "_")
 
 

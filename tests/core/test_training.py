@@ -1,5 +1,7 @@
 """The seed model and loss against PyTorch's own functions, training, early stopping, reproducibility."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +107,13 @@ def test_remedies_change_training(tensors):
         history = fit(build_model(TrainConfig()), tensors, cfg).history
         assert history != base and np.isfinite(history[-1]["train_loss"])
         assert history == fit(build_model(TrainConfig()), tensors, cfg).history  # still reproducible
+
+
+def test_keep_last_delivers_the_last_epoch_not_the_best(tensors):
+    cfg = TrainConfig(lr=10.0, epochs=6, patience=0)  # so large a step overshoots: the last epoch is not the best
+    best = fit(build_model(cfg), tensors, cfg)
+    last = fit(build_model(cfg), tensors, replace(cfg, keep_last=True))
+    assert best.history == last.history  # the same training, only another epoch kept
+    assert best.best_epoch < 6 and (last.best_epoch, last.best_val_accuracy) == (6, last.history[-1]["val_accuracy"])
+    assert score(last.model, *tensors.val)[1] == last.history[-1]["val_accuracy"]
+    assert score(best.model, *tensors.val)[1] == best.best_val_accuracy
