@@ -148,10 +148,6 @@ def acting_settings(config) -> dict:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = model_setting()
-    hidden_units: int = setting(256, "mlp: units of the hidden layer.", minimum=1, maximum=MAX_HIDDEN_UNITS)
-    dropout: float = setting(0.0, "mlp: fraction of the hidden units dropped while training (d2l §4.6).",
-                             minimum=0, below=1)
     lr: float = setting(0.1, "SGD learning rate.", above=0)
     epochs: int = setting(10, "Maximum epochs (early stopping may stop sooner).", minimum=1)
     weight_decay: float = setting(0.0, "L2 penalty (SGD weight_decay).", minimum=0)
@@ -167,6 +163,10 @@ class TrainConfig:
     augment: bool = setting(False, "Random flips and shifts of whole batches (overfitting remedy).")
     keep_last: bool = setting(False, "Keep the last epoch's weights, not the best validation epoch's: training "
                                      "with no remedy at all (its best_* metrics are then the last epoch's).")
+    model: str = model_setting()
+    hidden_units: int = setting(256, "mlp: units of the hidden layer.", minimum=1, maximum=MAX_HIDDEN_UNITS)
+    dropout: float = setting(0.0, "mlp: fraction of the hidden units dropped while training (d2l §4.6).",
+                             minimum=0, below=1)
 
     def validate(self) -> None:
         problems = field_problems(self)
