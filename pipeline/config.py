@@ -269,8 +269,9 @@ class TuneConfig:
     def resolved(self) -> "TuneConfig":
         """With the values the empty settings stand for: the study ``fashion-mnist-<model>``, and the
         model's own number of trials side by side."""
+        own = MODELS[self.model].side_by_side if self.model in MODELS else 1  # (an unknown model: validate says)
         return replace(self, study_name=self.study_name or f"fashion-mnist-{self.model}",
-                       side_by_side=self.side_by_side or MODELS[self.model].side_by_side)
+                       side_by_side=self.side_by_side or own)
 
     def validate(self) -> None:
         problems = field_problems(self)
