@@ -54,8 +54,8 @@ class ModelChoice:
     title: str  # in figures and messages
     settings: tuple[str, ...] = ()  # TrainConfig fields that act for this model alone; tune searches them for it
     # Trials a tune worker trains at once as one stacked model (pipeline/core/stacked.py), for models that
-    # have stacked training; 1: one at a time. Chosen by `python -m bench --only side_by_side` per model
-    # (docs/benchmarks.md): where the cost per trial-epoch stops falling fast.
+    # have stacked training; 1: one at a time. The softmax regression's is where its cost per trial-epoch
+    # stops falling fast, as `python -m bench --only side_by_side` measures it (docs/benchmarks.md).
     side_by_side: int = 1
 
 
