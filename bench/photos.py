@@ -191,7 +191,7 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
         splits = prepare_splits(DataConfig(data_dir=data_dir or "", limit=1_000 if quick else 0),
                                 cache_root=Path(tmp))[0]
     cfg = TrainConfig(epochs=2) if quick else TrainConfig()
-    model = fit(build_model(cfg.seed), Tensors.from_splits(splits), cfg).model
+    model = fit(build_model(cfg), Tensors.from_splits(splits), cfg).model
     count = 40 if quick else GARMENTS
     rows = evaluate(model, splits.test_x, splits.test_y, count=count)
     print(markdown(rows), flush=True)

@@ -40,9 +40,9 @@ TARGET_SPEEDUP = 4.0
 def epoch_cost_per_trial(tensors: Tensors, epochs: int) -> dict:
     """Seconds per epoch per trial: one model with ``fit``, then K stacked; the minimum is the best K."""
     cfg = TrainConfig(epochs=epochs, patience=0)
-    fit(build_model(cfg.seed), tensors, TrainConfig(epochs=1))  # warm-up: torch.optim's first use imports more torch
+    fit(build_model(cfg), tensors, TrainConfig(epochs=1))  # warm-up: torch.optim's first use imports more torch
     start = time.perf_counter()
-    fit(build_model(cfg.seed), tensors, cfg)
+    fit(build_model(cfg), tensors, cfg)
     costs = {"alone": (time.perf_counter() - start) / epochs}
     for k in STACK_SIZES:
         start = time.perf_counter()

@@ -94,7 +94,7 @@ def book_evaluate_accuracy(net, data_iter) -> float:
 def time_reference(root: Path, n_train: int, n_val: int, cfg: TrainConfig, epochs: int) -> dict:
     """Seconds per training pass and per whole epoch (train + validation) of the book's loop."""
     torch.manual_seed(cfg.seed)  # the DataLoader's shuffling draws from the global generator
-    net = build_model(cfg.seed)
+    net = build_model(cfg)
     loss = nn.CrossEntropyLoss(reduction="none")
     updater = torch.optim.SGD(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_s, epoch_s = [], []
@@ -115,7 +115,7 @@ def time_reference(root: Path, n_train: int, n_val: int, cfg: TrainConfig, epoch
 
 def epoch_of_fit(tensors: Tensors, cfg: TrainConfig):
     """One training pass as ``fit`` runs it (same model, optimiser and batch orders), to call repeatedly."""
-    model = build_model(cfg.seed)
+    model = build_model(cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     generator = batch_orders(cfg, len(tensors.train[1]))
     return lambda: train_epoch(model, *tensors.train, optimizer, cfg, generator)
@@ -153,7 +153,7 @@ class EpochClock:
 def time_untracked_epochs(tensors: Tensors, cfg: TrainConfig) -> list[float]:
     """Whole epochs (train + validation + best-weights bookkeeping) of ``pipeline.core.training.fit``."""
     clock = EpochClock()
-    fit(build_model(cfg.seed), tensors, cfg, on_epoch=clock)
+    fit(build_model(cfg), tensors, cfg, on_epoch=clock)
     return clock.epoch_seconds()
 
 
@@ -209,7 +209,7 @@ def profile_training_pass(tensors: Tensors, cfg: TrainConfig, top: int = 10) -> 
 
 def time_compute_floor(tensors: Tensors, cfg: TrainConfig, repeats: int) -> list[float]:
     """One forward and backward pass over the whole training tensor at once, ``repeats`` times."""
-    model = build_model(cfg.seed)
+    model = build_model(cfg)
     x, y = tensors.train_pixels()
 
     def full_batch_pass():

@@ -7,7 +7,7 @@ This module imports neither torch, MLflow nor Optuna: the ``main`` process reads
 """
 
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from urllib.parse import parse_qs, urlsplit
 
 from pipeline.errors import HTTP_RETRIES, HTTP_TIMEOUT, printable_url, short_repr
@@ -53,10 +53,38 @@ MLFLOW_SWITCH_DEFAULTS = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 FLOAT32_MAX = 3.4028234663852886e38  # the model computes in float32: a larger setting overflows to inf
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """What the settings know of a model that ``model`` chooses; its builder is the function of the same
+    name in ``pipeline/core/models.py`` (a test checks that the two agree)."""
+
+    title: str  # in figures and messages
+    settings: tuple[str, ...] = ()  # TrainConfig fields that act for this model alone; tune searches them for it
+    # Trials a tune worker trains at once as one stacked model (pipeline/core/stacked.py), for models that
+    # have stacked training; 1: one at a time. The softmax regression's is where its cost per trial-epoch
+    # stops falling fast, as `python -m bench --only side_by_side` measures it (docs/benchmarks.md).
+    side_by_side: int = 1
+
+
+# The models, by the name `--model` takes. Adding one: its builder in pipeline/core/models.py and its line here.
+MODELS = {
+    "softmax": ModelChoice("softmax regression", side_by_side=8),  # d2l §3.7, the seed recipe
+    "mlp": ModelChoice("MLP", settings=("hidden_units", "dropout")),  # d2l §4.3 (concise), dropout as in §4.6
+}
+DEFAULT_MODEL = "softmax"
+
+
 def setting(default=MISSING, help: str = "", **checks):
     """A dataclass field with its command-line help and the checks ``field_problems`` applies to it:
-    ``minimum`` (>=), ``above`` (>), ``below`` (<), ``choices``, and ``why`` to explain a bound."""
+    ``minimum`` (>=), ``maximum`` (<=), ``above`` (>), ``below`` (<), ``choices``, and ``why`` to explain a
+    bound."""
     return field(default=default, metadata={"help": help, **checks})
+
+
+def model_setting():
+    """The ``model`` field, the same in every config that has one (training, tuning)."""
+    return setting(DEFAULT_MODEL, f"The model: {', '.join(MODELS)} (pipeline/core/models.py; docs/models.md).",
+                   choices=MODELS)
 
 
 def field_problems(config) -> list[str]:
@@ -70,6 +98,8 @@ def field_problems(config) -> list[str]:
             problems.append(f"{f.name} must be a finite number within float32's range, got {value}")
         elif "minimum" in meta and value < meta["minimum"]:
             problems.append(f"{f.name} must be >= {meta['minimum']}{why}, got {short_repr(value)}")
+        elif "maximum" in meta and value > meta["maximum"]:
+            problems.append(f"{f.name} must be <= {meta['maximum']}{why}, got {short_repr(value)}")
         elif "above" in meta and not value > meta["above"]:
             problems.append(f"{f.name} must be > {meta['above']}{why}, got {short_repr(value)}")
         elif "below" in meta and not value < meta["below"]:
@@ -98,6 +128,31 @@ class DataConfig:
         check(field_problems(self))
 
 
+MAX_HIDDEN_UNITS = 4096  # keeps a logged model well below what the loader accepts (safe_loading.MAX_MODEL_BYTES)
+
+
+def settings_of_other_models(config, model: str) -> list[str]:
+    """A problem for each setting of another model that ``config`` sets away from its default: it would
+    not act for ``model``, and is refused rather than ignored."""
+    own = set(MODELS[model].settings) if model in MODELS else set()
+    problems = []
+    for other, choice in MODELS.items():
+        for name in choice.settings:
+            f = config.__dataclass_fields__.get(name)
+            if name not in own and f is not None and getattr(config, name) != f.default:
+                problems.append(f"{name} is a setting of model {other}; model {model} has none: drop it, "
+                                f"or pass --model {other}")
+    return problems
+
+
+def acting_settings(config) -> dict:
+    """``config``'s fields as a dict, less the settings of models other than ``config.model`` (they do
+    not act, so they are not logged)."""
+    own = set(MODELS[config.model].settings)
+    idle = {name for choice in MODELS.values() for name in choice.settings} - own
+    return {k: v for k, v in asdict(config).items() if k not in idle}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     lr: float = setting(0.1, "SGD learning rate.", above=0)
@@ -113,9 +168,16 @@ class TrainConfig:
     input_dropout: float = setting(0.0, "Fraction of input pixels dropped while training (overfitting remedy).",
                                    minimum=0, below=1)
     augment: bool = setting(False, "Random flips and shifts of whole batches (overfitting remedy).")
+    keep_last: bool = setting(False, "Keep the last epoch's weights, not the best validation epoch's: training "
+                                     "with no remedy at all (its best_* metrics are then the last epoch's).")
+    model: str = model_setting()
+    hidden_units: int = setting(256, "mlp: units of the hidden layer.", minimum=1, maximum=MAX_HIDDEN_UNITS)
+    dropout: float = setting(0.0, "mlp: fraction of the hidden units dropped while training (d2l §4.6).",
+                             minimum=0, below=1)
 
     def validate(self) -> None:
-        check(field_problems(self))
+        problems = field_problems(self)
+        check(problems or settings_of_other_models(self, self.model))
 
 
 @dataclass(frozen=True)
@@ -194,9 +256,19 @@ class SearchSpace:
     epochs_high: int = setting(100, "Upper end of the epochs range.")
     wd_low: float = setting(1e-6, "Weight decay range (log scale); 0 is always reachable as well.")
     wd_high: float = setting(1e-2, "Upper end of the weight decay range.")
+    # searched only for the models that have them (ModelChoice.settings)
+    hidden_units_low: int = setting(32, "mlp: hidden units range (log scale).", minimum=1, maximum=MAX_HIDDEN_UNITS)
+    hidden_units_high: int = setting(1024, "mlp: upper end of the hidden units range.", minimum=1,
+                                     maximum=MAX_HIDDEN_UNITS)
+    dropout_low: float = setting(0.0, "mlp: dropout range.", minimum=0, below=1)
+    dropout_high: float = setting(0.5, "mlp: upper end of the dropout range.", minimum=0, below=1)
 
     def validate(self) -> None:
         problems = field_problems(self)
+        for name in ("hidden_units", "dropout"):
+            low, high = getattr(self, f"{name}_low"), getattr(self, f"{name}_high")
+            if low > high:
+                problems.append(f"--{name.replace('_', '-')}-low {low} is above --{name.replace('_', '-')}-high {high}")
         for name, low, high in (("lr", self.lr_low, self.lr_high), ("wd", self.wd_low, self.wd_high)):
             if not (low > 0 and high > 0):
                 problems.append(f"{name} bounds are searched on a log scale and must be > 0, got "
@@ -212,13 +284,15 @@ class SearchSpace:
 
 @dataclass(frozen=True)
 class TuneConfig:
+    model: str = model_setting()
     trials: int = setting(20, "Trials the study holds when done; its finished trials (earlier runs, other "
                               "machines) count.", minimum=1)
     workers: int = setting(1, "Processes on this machine working on the study.", minimum=1)
     storage: str = setting(DEFAULT_STORAGE, "Optuna storage: a database URL (sqlite:///optuna.db, "
                            "postgresql://user@host/db, its password in PGPASSWORD or ~/.pgpass, never in the URL) "
                            "or a journal file (journal:///optuna.log, *.log, *.journal).")
-    study_name: str = setting("fashion-mnist-softmax", "Created if new, resumed if it exists (never overwritten).")
+    study_name: str = setting("", "Created if new, resumed if it exists (never overwritten); empty: "
+                              "fashion-mnist-<model>.")
     sampler: str = setting("tpe", "Optuna sampler.", choices=SAMPLERS)
     pruner: str = setting("median", "Stops unpromising trials early, from their per-epoch val accuracy.",
                           choices=PRUNERS)
@@ -230,16 +304,26 @@ class TuneConfig:
     batch_size: int = setting(256, "Images per SGD step in every trial.", minimum=1)
     # Stacked trials cost little more per epoch than one, so a study runs more trials per minute; a larger
     # K leaves more trials sampled and pruned before the first ones finish (docs/benchmarks.md measures both)
-    side_by_side: int = setting(8, "Trials trained at once in each worker, as one stacked layer on the same "
-                                   "batches (each as it would train alone); 1 = one at a time.", minimum=1)
+    side_by_side: int = setting(0, "Trials trained at once in each worker, as one stacked model on the same "
+                                   "batches (each as it would train alone); 1 = one at a time; 0 = the model's own "
+                                   "(softmax: 8; a model without stacked training: 1).", minimum=0,
+                                why="0 takes the model's own")
     test_best: bool = setting(True, "Test the best trial's model and register it.")
     heartbeat_interval: int = setting(10, "Seconds; SQL storages only: a trial silent for 2 intervals is failed.",
                                       minimum=1)
 
+    def resolved(self) -> "TuneConfig":
+        """With the values the empty settings stand for: the study ``fashion-mnist-<model>``, and the
+        model's own number of trials side by side."""
+        own = MODELS[self.model].side_by_side if self.model in MODELS else 1  # (an unknown model: validate says)
+        return replace(self, study_name=self.study_name or f"fashion-mnist-{self.model}",
+                       side_by_side=self.side_by_side or own)
+
     def validate(self) -> None:
         problems = field_problems(self)
-        if not self.study_name:
-            problems.append("study_name must not be empty")
+        if not problems and self.side_by_side > 1 and MODELS[self.model].side_by_side == 1:
+            problems.append(f"side_by_side {self.side_by_side}: model {self.model} has no stacked training and "
+                            "trains one trial at a time; pass --side-by-side 1 or leave it out")
         if secret := password_problem("storage", self.storage):
             problems.append(secret)
         elif not (is_journal(self.storage) or "://" in self.storage):
@@ -273,7 +357,7 @@ class MainConfig:
 # declare them, so `mlflow run` logs one only when it is given (-P), and main refuses one given in the
 # mode where it would not act (pipeline.steps.main.refuse_idle_settings) instead of ignoring it.
 MAIN_TRAIN_ONLY = ("lr", "epochs", "weight_decay", "patience", "shuffle_offset", "log_test_curve", "input_dropout",
-                   "augment")
+                   "augment", "hidden_units", "dropout", "keep_last")
 MAIN_STUDY_ONLY = ("storage", "study_name")
 
 

@@ -6,11 +6,17 @@ run. Plain strings only: importing this module costs nothing (no torch, MLflow o
 """
 
 # --- The model registry ----------------------------------------------------------------------------
-MODEL_NAME = "fashion-mnist-softmax"  # the registered model
-CHAMPION = "champion"  # alias of the version with the best validation accuracy
+REGISTERED_MODEL = "fashion-mnist-{}"  # one registered model per model family (softmax, mlp, ...)
+MODEL_NAME = REGISTERED_MODEL.format("softmax")  # the default model's: what `make serve` serves
+CHAMPION = "champion"  # alias of the best version validated on the default (full-data) split
 VERSION_VAL_ACCURACY_TAG = "val_accuracy"  # on each model version: what the champion is chosen by
 VERSION_VAL_DIGEST_TAG = "val_digest"  # on each model version: the validation split it was chosen on
 SPLIT_CHAMPION = CHAMPION + "-{}"  # alias of the best version among those validated on one split (its digest)
+VERSION_MODEL_TAG = "model"  # on each model version: its model family (softmax, mlp, ...)
+VERSION_DEFAULT_SPLIT_TAG = "default_split"  # on each model version: "true" if chosen on the default split
+# on each logged model: its family, and a digest of its weights (the registry never registers one twice)
+MODEL_FAMILY_TAG = "pipeline.model"
+WEIGHTS_DIGEST_TAG = "pipeline.weights_digest"
 
 # --- The MLflow experiment ------------------------------------------------------------------------
 EXPERIMENT_NAME = "fashion-mnist-softmax"  # runs go here unless MLFLOW_EXPERIMENT_NAME / _ID say otherwise
@@ -52,6 +58,7 @@ CODE_VERSION_TAG = "pipeline.code_version"  # git commit (+ hash of uncommitted 
 STEP_TAG = "pipeline.step.{}"  # on main: the run id of each step; + ".reused"
 STUDY_TAG = "pipeline.study_name"  # on trial runs, tune runs and the main run that started the study
 VAL_DIGEST_TAG = "pipeline.val_digest"  # on a training run: digest of the validation split it was chosen on
+PARAMETER_COUNT = "parameter_count"  # param of a training run: how many numbers its model learns
 DELIVERED_PREFIX = "delivered_"  # main's params delivered_lr, ...: the settings of the model it delivers
 DELIVERED_RUN_TAG = "pipeline.delivered_run_id"  # on main: the run that trained the delivered model
 TRIAL_TAG = "pipeline.trial_number"
@@ -81,3 +88,4 @@ RECIPE_ATTR = "recipe"  # the seed recipe's trial
 OWNER_ATTR = "owner"  # the process running a trial, as OWNER_TAG
 STUDY_BEST_MODEL_ATTR = "best_model_uri"  # on the study
 STUDY_DATA_ATTRS = ("train_digest", "val_digest")  # on the study: the data its trials trained and chose on
+STUDY_MODEL_ATTR = "model"  # on the study: the model family its trials train

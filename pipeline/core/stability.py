@@ -56,7 +56,7 @@ def scale_sweep(logits: torch.Tensor, labels: torch.Tensor, scales) -> pd.DataFr
 
 def trained_logits(tensors: Tensors, cfg: StabilityConfig) -> torch.Tensor:
     """Logits of the first ``cfg.images`` validation images from a model trained with the seed recipe."""
-    model = build_model(cfg.seed)
+    model = build_model(TrainConfig(seed=cfg.seed))  # the softmax regression
     if cfg.fit_epochs:
         model = fit(model, tensors, TrainConfig(epochs=cfg.fit_epochs, patience=0, seed=cfg.seed)).model
     with torch.no_grad():
@@ -80,7 +80,7 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
 
 def train_naive_and_stable(x: torch.Tensor, y: torch.Tensor, cfg: StabilityConfig) -> pd.DataFrame:
     """Train one model per loss from the same start on the same batches; the loss of each at each step."""
-    models = {name: build_model(cfg.seed) for name in LOSSES}
+    models = {name: build_model(TrainConfig(seed=cfg.seed)) for name in LOSSES}
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=cfg.lr) for name, m in models.items()}
     generator = torch.Generator().manual_seed(cfg.seed)
     rows = []

@@ -56,6 +56,11 @@ def check_compatible(cfgs: list[TrainConfig], first: TrainConfig, epochs_drawn: 
     orders, and a model joining after ``epochs_drawn`` orders must say it starts there; the rest may differ."""
     for cfg in cfgs:
         cfg.validate()
+        if cfg.keep_last:
+            raise ValueError("side-by-side training keeps each model's best epoch; keep_last trains one at a time")
+        if cfg.model != "softmax":  # stacking K models as one matrix product is the linear model's
+            raise ValueError(f"side-by-side training stacks softmax regressions only; model {cfg.model} trains one "
+                             "at a time")
         if (cfg.batch_size, cfg.seed) != (first.batch_size, first.seed):
             raise ValueError(f"side-by-side training needs one batch size and one seed for all models, got batch "
                              f"size {cfg.batch_size} and seed {cfg.seed} beside {first.batch_size} and {first.seed}")
@@ -69,7 +74,7 @@ def check_compatible(cfgs: list[TrainConfig], first: TrainConfig, epochs_drawn: 
 
 def join(index: int, cfg: TrainConfig) -> Member:
     """A new member, with the initial weights it would have alone."""
-    linear = build_model(cfg.seed)[1]
+    linear = build_model(cfg)[1]
     return Member(index, cfg, FitResult(model=None, best_val_accuracy=-1.0), linear.weight.detach(),
                   linear.bias.detach())
 
@@ -141,7 +146,7 @@ def epoch_metrics(w, b, members, data: Tensors, train_loss, train_acc) -> list[d
 
 def final_result(member: Member) -> FitResult:
     """The member's FitResult, its model (``build_model``'s nn.Sequential) holding the best epoch's weights."""
-    model = build_model(member.cfg.seed)
+    model = build_model(member.cfg)
     model.load_state_dict(member.best_state)
     member.result.model = model
     return member.result

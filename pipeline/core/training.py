@@ -129,7 +129,8 @@ def train_epoch(model, x, y, optimizer, cfg: TrainConfig, generator, augment=Non
 
 def fit(model: nn.Module, data: Tensors, cfg: TrainConfig,
         on_epoch: Callable[[dict], None] | None = None) -> FitResult:
-    """Train with SGD, early-stop on validation accuracy and return the best epoch's weights.
+    """Train with SGD, early-stop on validation accuracy and return the best epoch's weights (the last
+    epoch's with ``keep_last``).
 
     ``on_epoch`` receives each epoch's metrics (for logging, progress bars and Optuna's pruner); it
     may raise to stop training.
@@ -158,5 +159,8 @@ def fit(model: nn.Module, data: Tensors, cfg: TrainConfig,
         if cfg.patience and epoch - result.best_epoch >= cfg.patience:
             result.stopped_early = epoch < cfg.epochs
             break
-    model.load_state_dict(best_state)
+    if cfg.keep_last:  # the model as training left it: "best" names the kept epoch, which is the last
+        result.best_epoch, result.best_val_accuracy = len(result.history), result.history[-1]["val_accuracy"]
+    else:
+        model.load_state_dict(best_state)
     return result

@@ -25,14 +25,14 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from pipeline.config import ConvexConfig, TuneConfig
+from pipeline.config import DEFAULT_MODEL, ConvexConfig, TuneConfig
 from pipeline.core import convex
 from pipeline.core.metrics import predict_logits
 from pipeline.core.splits import Splits, array_digest
 from pipeline.core.stats import above, accuracy_with_interval, format_interval, mcnemar
 from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
-from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR, VAL_DIGEST_TAG
+from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR, STUDY_MODEL_ATTR, VAL_DIGEST_TAG
 from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.logged_models import log_model
 from pipeline.tracking.runs import log_new_params, log_series
@@ -57,6 +57,11 @@ def load_study(cfg: ConvexConfig, missing_ok: bool = False) -> optuna.Study | No
                             "the comparison")
     except ValueError:  # best_trial of a study without a finished trial
         raise PipelineError(f"study '{cfg.study_name}' has no finished trial to compare with yet")
+    model = study.user_attrs.get(STUDY_MODEL_ATTR, DEFAULT_MODEL)
+    if model != "softmax":  # the objective is convex in the weights of a linear model only
+        raise PipelineError(f"study '{cfg.study_name}' tunes model {model}; the convex optimum exists for the "
+                            "softmax regression only (its objective is convex): name a study of model softmax, "
+                            "or set study_name: '' to skip the comparison")
     if MODEL_URI_ATTR not in best.user_attrs:
         raise PipelineError(f"trial {best.number} of study '{cfg.study_name}' recorded no model "
                             f"({MODEL_URI_ATTR}); only studies run by this project can be compared")

@@ -196,7 +196,7 @@ def run_tune(spec: ExperimentSpec, caps: Caps, exp_id: str, prepared_path: Path)
     from pipeline.tuning.study import run_study  # Optuna, only for tune files
 
     tune_values, space_values = split_study(spec.study)
-    tune_cfg = capped(TuneConfig(**tune_values), caps, trials=caps.max_trials)
+    tune_cfg = capped(TuneConfig(**tune_values), caps, trials=caps.max_trials).resolved()
     space = capped(SearchSpace(**space_values), caps, epochs_high=caps.max_epochs, epochs_low=caps.max_epochs)
     if caps.active:
         # A study on a data slice must neither join the real study nor register its model as champion.

@@ -42,6 +42,7 @@ from pipeline.config import (
     MainConfig,
     ThreadsConfig,
     TrainConfig,
+    acting_settings,
     is_journal,
 )
 from pipeline.core.idx import locate_raw_files, raw_digest
@@ -51,10 +52,10 @@ from pipeline.names import (
     BEST_MODEL_TAG,
     CODE_VERSION_TAG,
     FAILURE_TAG,
-    MODEL_NAME,
     MODEL_URI_TAG,
     PREPARED_ARTIFACT,
     RAW_DIGEST_TAG,
+    REGISTERED_MODEL,
     STEP_TAG,
     STUDY_TAG,
 )
@@ -238,7 +239,7 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig, threads: int
     prepare = run_step("prepare", step_parameters("prepare", asdict(located)), cfg.force, {RAW_DIGEST_TAG: digest})
     data_uri = f"runs:/{prepare.info.run_id}/{PREPARED_ARTIFACT}"
     # main's params: the settings that act in this mode (storage is on the tune run, password hidden)
-    acted = {**asdict(data), "trials": cfg.trials, "force": cfg.force, "seed": train.seed,
+    acted = {**asdict(data), "trials": cfg.trials, "force": cfg.force, "model": train.model, "seed": train.seed,
              "batch_size": train.batch_size, "threads": threads}
     if cfg.trials > 0:
         # one study per prepared split by default: trials on other data must not mix into it
@@ -250,11 +251,11 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig, threads: int
         # the storage URL holds no password (MainConfig refuses one): as a step's parameter, it is recorded
         overrides = {"study_name": study_name, "data": data_uri,
                      "trials": cfg.trials, "test_best": False, "storage": absolute_file_url(cfg.storage),
-                     "seed": train.seed, "batch_size": train.batch_size, "threads": threads}
+                     "model": train.model, "seed": train.seed, "batch_size": train.batch_size, "threads": threads}
         model_run = run_step("tune", step_parameters("tune", overrides), cfg.force)
         model_uri = model_run.data.tags.get(BEST_MODEL_TAG)
     else:
-        log_new_params({**acted, **asdict(train)})
+        log_new_params({**acted, **acting_settings(train)})
         model_run = run_step("train", step_parameters("train", {**asdict(train), "data": data_uri, "threads": threads}),
                              cfg.force)
         model_uri = model_run.data.tags.get(MODEL_URI_TAG)
@@ -272,8 +273,10 @@ def run_main(data: DataConfig, train: TrainConfig, cfg: MainConfig, threads: int
     # one registration at a time: two mains that reach here together would both register (or both set
     # an alias: MLflow's alias insert is not atomic, the second fails with a UNIQUE constraint)
     experiment_id = mlflow.active_run().info.experiment_id
-    with identical_steps_one_at_a_time(experiment_id, "register", {"model": MODEL_NAME}, {}):
-        decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"])
+    registered = REGISTERED_MODEL.format(train.model)
+    with identical_steps_one_at_a_time(experiment_id, "register", {"model": registered}, {}):
+        decision = promote_if_better(model_uri, val_accuracy, delivered["val_digest"],
+                                     default_split=data == DataConfig(data_dir=data.data_dir))
     study = {"study_name": study_name} if cfg.trials > 0 else {}
     return {**headline, "model_uri": model_uri, "registry": decision, **study}
 

@@ -24,6 +24,7 @@ from mlflow.pyfunc import scoring_server
 from pipeline.config import IMAGE_SIZE, ModelInput, ServeConfig
 from pipeline.runtime.signals import interrupts_raise_keyboard_interrupt
 from pipeline.steps.options import make_config, options_from
+from pipeline.tracking.registry import described_version
 from pipeline.tracking.safe_loading import checked_copy, load_checked
 
 IMAGE_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
@@ -90,8 +91,9 @@ def serve_command(model_uri, **options):
     """Input is refused with HTTP 400 unless it is float images (N, 1, 28, 28), finite, within [0, 1]."""
     cfg = make_config(ServeConfig, options)
     app = scoring_server.init(load_served_model(model_uri))
-    click.echo(f"Serving {model_uri} on http://{cfg.host}:{cfg.port} (POST /invocations, GET /ping); "
-               "Ctrl-C stops it", err=True)
+    held = described_version(model_uri)  # the champion names the model it holds
+    click.echo(f"Serving {model_uri}{f' ({held})' if held else ''} on http://{cfg.host}:{cfg.port} "
+               "(POST /invocations, GET /ping); Ctrl-C stops it", err=True)
     try:  # uvicorn stops at Ctrl-C or SIGTERM, then passes the signal on: both end the command quietly
         with interrupts_raise_keyboard_interrupt():
             uvicorn.run(app, host=cfg.host, port=cfg.port)

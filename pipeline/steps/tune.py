@@ -1,4 +1,5 @@
-"""Command ``tune``: an Optuna study of learning rate, epochs and weight decay (``pipeline.tuning.study``)."""
+"""Command ``tune``: an Optuna study of learning rate, epochs, weight decay and the model's own settings
+(``pipeline.tuning.study``)."""
 
 
 import click
@@ -18,7 +19,7 @@ from pipeline.tuning.study import run_and_test_study
 @click.command("tune")
 @options_from(TuneConfig, SearchSpace, DataInput, ThreadsConfig)
 def tune_command(data, **options):
-    space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options)
+    space, cfg = make_config(SearchSpace, options), make_config(TuneConfig, options).resolved()
     threads = make_config(ThreadsConfig, options).threads
     torch.set_num_threads(threads)  # and each --workers process, at its start
     open_tracking_store()

@@ -88,6 +88,19 @@ def fetch_prepared(data_uri: str) -> Splits:
     return splits
 
 
+def is_default_split(data_uri: str) -> bool:
+    """Whether ``data_uri`` holds the default split: all the data, the default validation split. The
+    registry's ``champion`` is chosen among models validated on it. A prepared folder records no settings,
+    so it never counts."""
+    if not data_uri:
+        return True  # load_data prepares the default split
+    if not data_uri.startswith("runs:/"):
+        return False
+    params = mlflow.get_run(data_uri.removeprefix("runs:/").split("/")[0]).data.params
+    default = DataConfig()
+    return all(params.get(name) == str(getattr(default, name)) for name in ("val_size", "split_seed", "limit"))
+
+
 def load_data(data_uri: str) -> Splits:
     """The prepared splits named by ``data_uri``; with none given, prepare the default ones here.
 

@@ -4,17 +4,16 @@ The loop itself is plain PyTorch (``pipeline.core.training.fit``). The ``train``
 and experiment files all train through ``train`` here, so every training run logs the same things.
 """
 
-from dataclasses import asdict
 
 import mlflow
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig
+from pipeline.config import MODELS, TrainConfig, acting_settings
 from pipeline.core import figures
-from pipeline.core.models import build_model
+from pipeline.core.models import build_model, parameter_count
 from pipeline.core.splits import Splits
 from pipeline.core.training import DivergedError, FitResult, Tensors, fit
-from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
+from pipeline.names import CURVES_FIGURE, FAILURE_TAG, MODEL_URI_TAG, PARAMETER_COUNT, STOPPED_EARLY_TAG, VAL_DIGEST_TAG
 from pipeline.runtime.signals import held_during_write
 from pipeline.tracking.datasets import log_datasets, split_digest
 from pipeline.tracking.logged_models import log_model, model_name
@@ -23,7 +22,7 @@ from pipeline.tracking.runs import log_epoch, log_new_params
 
 def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
           progress: bool = True, on_epoch=None) -> tuple[FitResult, object]:
-    """Train the seed model with ``cfg`` and log params, curves, best epoch and the model.
+    """Train the model ``cfg`` names with ``cfg`` and log params, curves, best epoch and the model.
 
     ``on_epoch`` lets a caller (Optuna's pruner) see each epoch after it is logged. Returns the fit
     result and MLflow's ModelInfo. A diverging run is tagged with the reason and raises, so the run
@@ -43,7 +42,7 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
             on_epoch(metrics)
 
     try:
-        result = fit(build_model(cfg.seed), tensors, cfg, on_epoch=after_epoch)
+        result = fit(build_model(cfg), tensors, cfg, on_epoch=after_epoch)
     except DivergedError as e:
         log_epoch(e.metrics)  # the NaN/inf epoch shows in the curves too
         mlflow.set_tag(FAILURE_TAG, e.message)
@@ -54,8 +53,9 @@ def train(cfg: TrainConfig, splits: Splits, tensors: Tensors | None = None,
 
 
 def log_training_inputs(cfg: TrainConfig, splits: Splits) -> None:
-    """Before training, on the active run: the settings, and the data it learns from and chooses by."""
-    log_new_params(asdict(cfg))
+    """Before training, on the active run: the settings, the model's size, and the data it learns from and
+    chooses by."""
+    log_new_params({**acting_settings(cfg), PARAMETER_COUNT: parameter_count(build_model(cfg))})
     # the validation split that chooses the best epoch: the registry compares only models chosen on the same one
     mlflow.set_tag(VAL_DIGEST_TAG, split_digest(splits, "val"))
     log_datasets(splits, which=("train", "val"))  # what this run learnt from and chose its epoch by
@@ -66,10 +66,11 @@ def log_fit_result(result: FitResult, splits: Splits, cfg: TrainConfig):
 
     Trials trained side by side (``pipeline.tuning.stacked_trials``) log through here too.
     """
-    mlflow.log_figure(figures.training_curves(result.history, "softmax regression", kept_epoch=result.best_epoch),
+    mlflow.log_figure(figures.training_curves(result.history, MODELS[cfg.model].title, kept_epoch=result.best_epoch),
                       CURVES_FIGURE)
-    model_info = log_model(result.model, splits.val_x[:4], step=result.best_epoch,
-                                    name=model_name(cfg))
+    result.model.eval()  # exported as it predicts: dropout off
+    model_info = log_model(result.model, splits.val_x[:4], step=result.best_epoch, name=model_name(cfg),
+                           family=cfg.model)
     summary = {"best_epoch": result.best_epoch, "best_val_accuracy": result.best_val_accuracy,
                "epochs_run": len(result.history)}
     mlflow.log_metrics(summary, model_id=model_info.model_id)

@@ -22,8 +22,8 @@ from pipeline.names import (
 from pipeline.tracking.experiments import study_filter
 from pipeline.tuning.search import training_params
 
-SEARCHED = ["lr", "epochs", "weight_decay"]
-LOG_SCALE = {"lr", "weight_decay"}
+SEARCHED = ["lr", "epochs", "weight_decay", "hidden_units", "dropout"]  # the figures show those the study drew
+LOG_SCALE = {"lr", "weight_decay", "hidden_units"}
 
 
 def log_trials_table(study: optuna.Study) -> None:
@@ -94,6 +94,7 @@ def describe(study: optuna.Study, tested: dict | None, runs_url: str) -> str:
         decision = tested["registry"]
         verdict = "promoted" if decision["promoted"] else "not promoted"
         lines += [f"  test accuracy {format_interval(tested)}",
-                  f"  registry: version {decision['version']} {verdict}: {decision['reason']}"]
+                  f"  registry: {decision['model_name']} version {decision['version']} {verdict}: "
+                  f"{decision['reason']}"]
     lines += [f"runs: {runs_url}", f"  (search: {study_filter(study.study_name)})"]
     return "\n".join(lines)

@@ -18,9 +18,9 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from pipeline.config import JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS, SearchSpace, TuneConfig, is_journal
+from pipeline.config import DEFAULT_MODEL, JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS, SearchSpace, TuneConfig, is_journal
 from pipeline.errors import PipelineError, causes, fault_of, file_fault, from_optuna_storage, printable_url
-from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
+from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, STUDY_DATA_ATTRS, STUDY_MODEL_ATTR, TRIAL_STATE_TAG
 from pipeline.runtime.store_files import create_if_new, creation_lock
 from pipeline.tuning.search import seed_recipe_params
 
@@ -137,8 +137,9 @@ def storage_faults_named(url: str):
 def open_study(cfg: TuneConfig, space: SearchSpace, storage, data: dict[str, str]) -> optuna.Study:
     """Create the study with the seed recipe as its first trial, or resume it if it exists.
 
-    ``data``: the digests of the training and validation splits (``STUDY_DATA_ATTRS``). A new study
-    records them; an existing one must have recorded the same, or its trials are not comparable.
+    ``data``: the model and the digests of the training and validation splits (``STUDY_MODEL_ATTR``,
+    ``STUDY_DATA_ATTRS``). A new study records them; an existing one must have recorded the same, or its
+    trials are not comparable.
     """
     try:
         study = optuna.create_study(study_name=cfg.study_name, storage=storage, direction="maximize")
@@ -155,7 +156,7 @@ def open_study(cfg: TuneConfig, space: SearchSpace, storage, data: dict[str, str
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["val_accuracy"])  # the objective, named in optuna-dashboard and trials.csv
-    study.enqueue_trial(seed_recipe_params(space), user_attrs={RECIPE_ATTR: "seed (d2l 3.7)"})
+    study.enqueue_trial(seed_recipe_params(space, cfg.model), user_attrs={RECIPE_ATTR: f"seed ({cfg.model})"})
     return study
 
 
@@ -164,7 +165,8 @@ def described(digests: dict) -> str:
 
 
 def check_same_data(study: optuna.Study, data: dict[str, str], where: str, wait_s: float = 10) -> None:
-    """Refuse to resume ``study`` on data other than its own (digests of the train and val splits)."""
+    """Refuse to resume ``study`` on data other than its own (digests of the train and val splits), or for
+    another model."""
     recorded = {k: study.user_attrs.get(k) for k in data}
     deadline = time.monotonic() + wait_s
     # A study created a moment ago by another worker records its data right after creation, and
@@ -172,10 +174,12 @@ def check_same_data(study: optuna.Study, data: dict[str, str], where: str, wait_
     while not any(recorded.values()) and not study.trials and time.monotonic() < deadline:
         time.sleep(0.2)
         recorded = {k: study.user_attrs.get(k) for k in data}
+    if recorded.get(STUDY_MODEL_ATTR) is None and study.user_attrs.get(STUDY_DATA_ATTRS[0]):
+        recorded[STUDY_MODEL_ATTR] = DEFAULT_MODEL  # a study from before models were a setting: softmax
     if recorded == data:
         return
     raise PipelineError(
-        f"study {study.study_name!r} in {where} was run on other data ({described(recorded)}) than this "
-        f"({described(data)}): its trials' val accuracies are not comparable with new ones. Pick another "
-        "--study-name, or pass the data the study was run on"
+        f"study {study.study_name!r} in {where} was run on other data or another model ({described(recorded)}) "
+        f"than this ({described(data)}): its trials' val accuracies are not comparable with new ones. Pick "
+        "another --study-name, or pass the data and the model the study was run with"
     )

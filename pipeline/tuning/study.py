@@ -18,10 +18,10 @@ from dataclasses import asdict
 import mlflow
 import optuna
 
-from pipeline.config import SearchSpace, TuneConfig
+from pipeline.config import MODELS, SearchSpace, TuneConfig
 from pipeline.core.splits import Splits, array_digest
-from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_TAG
-from pipeline.tracking.datasets import load_data
+from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_MODEL_ATTR, STUDY_TAG
+from pipeline.tracking.datasets import is_default_split, load_data
 from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.registry import promote_if_better
 from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
@@ -31,16 +31,28 @@ from pipeline.tuning.storage import open_storage, open_study, printable_url, sto
 from pipeline.tuning.workers import run_workers
 
 
-def final_test(model_uri: str, val_accuracy: float, splits: Splits) -> dict:
+def final_test(model_uri: str, val_accuracy: float, splits: Splits, default_split: bool) -> dict:
     """Test metrics of the best model (in a nested "evaluate" run), and register it if it is better;
     returns the metrics and, under "registry", the registry's decision."""
     with mlflow.start_run(run_name="evaluate", nested=True,
                           experiment_id=mlflow.active_run().info.experiment_id):
         result = evaluate_on_test(model_uri, splits)
-        decision = promote_if_better(model_uri, val_accuracy, array_digest(splits.val_x, splits.val_y))
+        decision = promote_if_better(model_uri, val_accuracy, array_digest(splits.val_x, splits.val_y),
+                                     default_split)
     metrics = {k: result[k] for k in ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_loss")}
     mlflow.log_metrics({f"best_{k}": v for k, v in metrics.items()})  # on the parent, beside best_val_accuracy
     return {**metrics, "registry": decision}
+
+
+def how_trials_train(cfg: TuneConfig) -> str:
+    """One line: whether this study's trials train side by side or one at a time, and why."""
+    title = MODELS[cfg.model].title
+    if cfg.side_by_side > 1:
+        return (f"model {cfg.model} ({title}): {cfg.side_by_side} trials side by side in each worker, as one "
+                "stacked model")
+    if MODELS[cfg.model].side_by_side == 1:
+        return f"model {cfg.model} ({title}): one trial at a time in each worker (it has no stacked training)"
+    return f"model {cfg.model} ({title}): one trial at a time in each worker (--side-by-side 1)"
 
 
 def run_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) -> optuna.Study:
@@ -56,6 +68,8 @@ def run_and_test_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) 
     """
     tune_cfg.validate()
     space.validate()
+    tune_cfg = tune_cfg.resolved()
+    print(how_trials_train(tune_cfg))
     own_run = (mlflow.start_run(run_name="tune", log_system_metrics=True) if mlflow.active_run() is None
                else contextlib.nullcontext())
     with own_run, runs_killed_at_safe_points(), storage_faults_named(tune_cfg.storage):
@@ -66,6 +80,7 @@ def run_and_test_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) 
         splits = load_data(data_uri)
         # the study remembers its data and refuses other data: trials on other splits are not comparable
         digests = dict(zip(STUDY_DATA_ATTRS, (array_digest(*splits.arrays(s)) for s in ("train", "val"))))
+        digests[STUDY_MODEL_ATTR] = tune_cfg.model  # and its model: trials of other models are not comparable
         storage = open_storage(tune_cfg)
         study = open_study(tune_cfg, space, storage, digests)
         recover_dead_trials(study, storage)  # trials whose worker was killed since: their places are free again
@@ -73,5 +88,7 @@ def run_and_test_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) 
         log_trials_table(study)
         log_figures(study)
         best = record_best(study)
-        tested = final_test(best.user_attrs[MODEL_URI_ATTR], best.value, splits) if tune_cfg.test_best else None
+        tested = None
+        if tune_cfg.test_best:
+            tested = final_test(best.user_attrs[MODEL_URI_ATTR], best.value, splits, is_default_split(data_uri))
     return study, tested

@@ -168,8 +168,9 @@ def ask_trial(worker: Worker, shuffle_offset: int = 0) -> TrialRun | None:
     # ask at the same moment (a seed from the count of trials so far would be the same for both). Optuna
     # draws a trial's values when they are first suggested, a GP sampler's joint draw included.
     worker.study.sampler = sampler_for(cfg, f"trial {trial.number}")
-    train_cfg = TrainConfig(**suggest_params(trial, worker.space), batch_size=cfg.batch_size,
-                            patience=cfg.patience, seed=cfg.seed, shuffle_offset=shuffle_offset)
+    train_cfg = TrainConfig(**suggest_params(trial, worker.space, cfg.model), model=cfg.model,
+                            batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed,
+                            shuffle_offset=shuffle_offset)
     name = f"trial-{trial.number}"
     run = MlflowClient().create_run(
         worker.parent.experiment_id, run_name=name,

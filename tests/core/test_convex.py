@@ -74,7 +74,7 @@ def test_lbfgs_finds_the_optimum_and_beats_sgd(slice_tensors):
     assert optimum.objective == pytest.approx(loss.item(), rel=1e-12)
 
     # SGD with the same weight decay, trained for real, ends with a higher objective
-    sgd = build_model(0)
+    sgd = build_model(TrainConfig())
     fit(sgd, slice_tensors, TrainConfig(lr=0.1, epochs=20, weight_decay=WD, patience=0))
     sgd64 = convex.zero_model()
     sgd64.load_state_dict({k: v.double() for k, v in sgd.state_dict().items()})

@@ -35,7 +35,7 @@ BENCHMARK_GARMENTS = 120  # test images pasted on every background of the benchm
 
 @pytest.fixture(scope="module")
 def model(real_slice):
-    return fit(build_model(0), Tensors.from_splits(real_slice[0]), TrainConfig(epochs=3)).model
+    return fit(build_model(TrainConfig()), Tensors.from_splits(real_slice[0]), TrainConfig(epochs=3)).model
 
 
 @pytest.fixture
@@ -278,7 +278,7 @@ def full_splits(real_data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_photo_benchmark_holds_on_every_background(full_splits):
     cfg = TrainConfig()  # the seed recipe, on the full training split
-    model = fit(build_model(cfg.seed), Tensors.from_splits(full_splits), cfg).model
+    model = fit(build_model(cfg), Tensors.from_splits(full_splits), cfg).model
     rows = benchmark.evaluate(model, full_splits.test_x, full_splits.test_y, count=BENCHMARK_GARMENTS)
     clean = rows.pop("clean")
     assert clean.photos == BENCHMARK_GARMENTS and clean.accuracy > 0.75

@@ -39,10 +39,10 @@ def test_each_model_trains_as_it_would_alone(tensors):
     ends = []
     outcomes = fit_stacked(CONFIGS, tensors, on_end=lambda i, outcome: ends.append((i, len(outcome.history))))
     for cfg, outcome in zip(CONFIGS, outcomes):
-        assert_same_training(outcome, fit(build_model(cfg.seed), tensors, cfg))
+        assert_same_training(outcome, fit(build_model(cfg), tensors, cfg))
     # the 2-epoch model finished (and was handed over) while the others still trained
     assert ends == [(2, 2), (0, 3), (1, 3)]
-    assert type(outcomes[0].model) is type(build_model(0))  # what tracking.log_model logs for a trial
+    assert type(outcomes[0].model) is type(build_model(TrainConfig()))  # what tracking.log_model logs for a trial
 
 
 def test_a_stopped_model_drops_out_and_the_others_go_on(tensors):
@@ -58,8 +58,8 @@ def test_a_stopped_model_drops_out_and_the_others_go_on(tensors):
     cfgs = [CONFIGS[0], CONFIGS[1], patient]
     outcomes = fit_stacked(cfgs, tensors, on_epoch=prune_the_first_at_epoch_2)
     assert isinstance(outcomes[0], Pruned)
-    assert_same_training(outcomes[1], fit(build_model(0), tensors, cfgs[1]))
-    alone = fit(build_model(0), tensors, patient)
+    assert_same_training(outcomes[1], fit(build_model(TrainConfig()), tensors, cfgs[1]))
+    alone = fit(build_model(TrainConfig()), tensors, patient)
     assert_same_training(outcomes[2], alone)
     assert len(alone.history) == len(outcomes[2].history) < 6 and outcomes[2].stopped_early
 
@@ -68,10 +68,10 @@ def test_a_diverging_model_fails_alone(tensors):
     huge = TrainConfig(lr=1e38, epochs=3, patience=0)  # the loss becomes NaN in the first epoch
     outcomes = fit_stacked([CONFIGS[0], huge, CONFIGS[1]], tensors)
     with pytest.raises(DivergedError, match="training diverged at epoch 1"):
-        fit(build_model(0), tensors, huge)
+        fit(build_model(TrainConfig()), tensors, huge)
     assert isinstance(outcomes[1], DivergedError) and outcomes[1].epoch == 1
     for i in (0, 2):  # its NaNs stayed in its own rows
-        assert_same_training(outcomes[i], fit(build_model(0), tensors, [CONFIGS[0], huge, CONFIGS[1]][i]))
+        assert_same_training(outcomes[i], fit(build_model(TrainConfig()), tensors, [CONFIGS[0], huge, CONFIGS[1]][i]))
 
 
 def test_a_newcomer_takes_a_finished_models_place_and_trains_as_it_would_alone(tensors):
@@ -90,11 +90,11 @@ def test_a_newcomer_takes_a_finished_models_place_and_trains_as_it_would_alone(t
     assert ends == [2, 0, 1, 3] and joined_at[0] == 2  # it joined after the 2-epoch model ended, at epoch 3
     assert len(outcomes) == 4
     for cfg, outcome in zip(CONFIGS, outcomes):
-        assert_same_training(outcome, fit(build_model(cfg.seed), tensors, cfg))
+        assert_same_training(outcome, fit(build_model(cfg), tensors, cfg))
     late = TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0, shuffle_offset=2)
-    assert_same_training(outcomes[3], fit(build_model(0), tensors, late))
+    assert_same_training(outcomes[3], fit(build_model(TrainConfig()), tensors, late))
     # the offset acts: from the first orders the same model ends elsewhere
-    from_start = fit(build_model(0), tensors, TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0))
+    from_start = fit(build_model(TrainConfig()), tensors, TrainConfig(lr=0.3, weight_decay=1e-4, epochs=2, patience=0))
     assert from_start.history[0]["train_loss"] != pytest.approx(outcomes[3].history[0]["train_loss"], rel=1e-3)
 
 

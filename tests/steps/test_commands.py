@@ -23,7 +23,8 @@ def test_make_serve_answers_from_a_fresh_shell(mlflow_store, data_slice, subproc
     splits = data_slice[0]
     with mlflow.start_run():
         result, info = train(TrainConfig(epochs=2), splits, progress=False)
-    promote_if_better(info.model_uri, result.best_val_accuracy, array_digest(splits.val_x, splits.val_y))
+    promote_if_better(info.model_uri, result.best_val_accuracy, array_digest(splits.val_x, splits.val_y),
+                      default_split=True)
     env = {**subprocess_env, "PATH": FRESH_SHELL_PATH}
     port = free_port()
     server = make("serve", env, SERVE_PORT=port)

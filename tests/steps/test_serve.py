@@ -35,7 +35,8 @@ def server(mlflow_store, data_slice, subprocess_env, tmp_path):
     splits = data_slice[0]
     with mlflow.start_run():
         result, info = train(TrainConfig(epochs=2), splits, progress=False)
-    promote_if_better(info.model_uri, result.best_val_accuracy, array_digest(splits.val_x, splits.val_y))
+    promote_if_better(info.model_uri, result.best_val_accuracy, array_digest(splits.val_x, splits.val_y),
+                      default_split=True)
     url, log = f"http://127.0.0.1:{free_port()}", tmp_path / "server.log"
     with open(log, "w") as out:
         process = subprocess.Popen([sys.executable, "-m", "pipeline", "serve", "--model-uri", CHAMPION_URI,

@@ -9,7 +9,15 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from pipeline.cli import cli
-from pipeline.names import CHAMPION, MODEL_NAME, STUDY_TAG, TRIAL_TAG, VAL_DIGEST_TAG, VERSION_VAL_DIGEST_TAG
+from pipeline.names import (
+    CHAMPION,
+    MODEL_NAME,
+    SPLIT_CHAMPION,
+    STUDY_TAG,
+    TRIAL_TAG,
+    VAL_DIGEST_TAG,
+    VERSION_VAL_DIGEST_TAG,
+)
 from tests.helpers import REPO, child_env
 
 # ---------------------------------------------------------------------------------------------------
@@ -90,5 +98,8 @@ def test_main_with_a_study_shows_the_delivered_settings_not_its_own(main_runs):
         assert params[f"delivered_{key}"] == best.data.params[key]
     assert main.data.metrics["best_epoch"] == best.data.metrics["best_epoch"]
     assert main.data.metrics["best_val_accuracy"] == best.data.metrics["best_val_accuracy"]
-    champion = MlflowClient().get_model_version_by_alias(MODEL_NAME, CHAMPION)
-    assert champion.tags[VERSION_VAL_DIGEST_TAG] == best.data.tags[VAL_DIGEST_TAG]
+    # registered as the best of its split (a limited one: never the champion, which follows the default split)
+    digest = best.data.tags[VAL_DIGEST_TAG]
+    held = MlflowClient().get_model_version_by_alias(MODEL_NAME, SPLIT_CHAMPION.format(digest))
+    assert held.tags[VERSION_VAL_DIGEST_TAG] == digest
+    assert CHAMPION not in MlflowClient().get_registered_model(MODEL_NAME).aliases

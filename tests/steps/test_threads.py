@@ -30,7 +30,7 @@ def threads_set_to(count: int):
 def test_training_functions_leave_the_threads_alone(data_slice):
     tensors, cfg = Tensors.from_splits(data_slice[0]), TrainConfig(epochs=1)
     with threads_set_to(OTHER):
-        fit(build_model(0), tensors, cfg)
+        fit(build_model(cfg), tensors, cfg)
         assert torch.get_num_threads() == OTHER
         fit_stacked([cfg, TrainConfig(epochs=1, lr=0.2)], tensors)
         assert torch.get_num_threads() == OTHER

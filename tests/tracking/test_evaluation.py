@@ -87,21 +87,23 @@ def val_digest(splits) -> str:
 
 def test_champion_moves_only_on_better_validation_accuracy(mlflow_store, data_slice):
     splits = data_slice[0]
+    promote = lambda info, result: promote_if_better(info.model_uri, result.best_val_accuracy,  # noqa: E731
+                                                     val_digest(splits), default_split=True)
     good, good_info = train_model(splits, epochs=3)
     worse, worse_info = train_model(splits, epochs=1, lr=0.001)
     assert worse.best_val_accuracy < good.best_val_accuracy
-    first = promote_if_better(good_info.model_uri, good.best_val_accuracy, val_digest(splits))
+    first = promote(good_info, good)
     assert first["promoted"] and first["version"] == 1
-    second = promote_if_better(worse_info.model_uri, worse.best_val_accuracy, val_digest(splits))
+    second = promote(worse_info, worse)
     assert not second["promoted"] and "does not beat" in second["reason"]
     client = MlflowClient()
     assert int(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == 1
     # registering the same model again reuses its version instead of adding one
-    again = promote_if_better(good_info.model_uri, good.best_val_accuracy, val_digest(splits))
+    again = promote(good_info, good)
     assert again["version"] == 1 and len(client.search_model_versions(f"name = '{MODEL_NAME}'")) == 2
     better, better_info = train_model(splits, epochs=6, lr=0.3)
     assert better.best_val_accuracy > good.best_val_accuracy
-    assert promote_if_better(better_info.model_uri, better.best_val_accuracy, val_digest(splits))["promoted"]
+    assert promote(better_info, better)["promoted"]
     assert int(client.get_model_version_by_alias(MODEL_NAME, CHAMPION).version) == 3
 
 

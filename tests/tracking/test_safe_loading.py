@@ -24,6 +24,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
+from pipeline.config import TrainConfig
 from pipeline.core.models import build_model
 from pipeline.names import CHAMPION, MODEL_NAME
 from pipeline.tracking import safe_loading
@@ -146,7 +147,7 @@ def test_mlflows_check_is_on_in_every_command_and_never_skipped(mlflow_store, da
 
 def save_our_model(folder: Path) -> Path:
     """A model saved by MLflow exactly as ``tracking.log_model`` logs one (pt2, our signature)."""
-    mlflow.pytorch.save_model(build_model(0), str(folder), signature=model_signature(),
+    mlflow.pytorch.save_model(build_model(TrainConfig()), str(folder), signature=model_signature(),
                               input_example=np.zeros((2, 1, 28, 28), np.float32), pip_requirements=[])
     return folder
 

@@ -17,8 +17,9 @@ from optuna.trial import TrialState
 
 from pipeline.cli import cli
 from pipeline.config import SearchSpace, TrainConfig, TuneConfig, is_journal
+from pipeline.core.splits import array_digest
 from pipeline.errors import PipelineError
-from pipeline.names import BEST_MODEL_TAG, CHAMPION, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR
+from pipeline.names import BEST_MODEL_TAG, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR, SPLIT_CHAMPION
 from pipeline.tuning.search import make_pruner, make_sampler
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.study import run_study
@@ -149,8 +150,12 @@ def test_small_study_on_real_data(data_slice, mlflow_store, tmp_path):
     assert run.data.metrics["best_test_accuracy"] == evaluation[0].data.metrics["test_accuracy"]
     for end in ("low", "high"):  # the best trial's 95% interval, beside its test accuracy
         assert run.data.metrics[f"best_test_accuracy_ci_{end}"] == evaluation[0].data.metrics[f"test_accuracy_ci_{end}"]
-    champion = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@{CHAMPION}")
-    assert champion.model_id == run.data.tags[BEST_MODEL_TAG].removeprefix("models:/")
+    # chosen on a slice, not the default split: the best of its split, never the champion make serve serves
+    split_champion = SPLIT_CHAMPION.format(array_digest(data_slice[0].val_x, data_slice[0].val_y))
+    registered = mlflow.MlflowClient().get_registered_model(MODEL_NAME)
+    assert set(registered.aliases) == {split_champion}
+    held = mlflow.models.get_model_info(f"models:/{MODEL_NAME}@{split_champion}")
+    assert held.model_id == run.data.tags[BEST_MODEL_TAG].removeprefix("models:/")
 
 
 @pytest.mark.slow
