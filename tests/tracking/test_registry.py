@@ -7,6 +7,7 @@ import textwrap
 import time
 
 import mlflow
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -18,6 +19,7 @@ from pipeline.names import (
     REGISTERED_MODEL,
     SPLIT_CHAMPION,
     VERSION_MODEL_TAG,
+    VERSION_VAL_ACCURACY_TAG,
     VERSION_VAL_DIGEST_TAG,
 )
 from pipeline.tracking.logged_models import log_model
@@ -87,6 +89,16 @@ def test_the_same_model_is_registered_once(data_slice, mlflow_store):
     # the same weights chosen on another split are another registration (its accuracy means something else)
     assert register(splits, 0.70, SMOKE, seed=1)["version"] == 2
     assert len(MlflowClient().search_model_versions(f"name = '{MODEL_NAME}'")) == 2
+
+
+def test_the_accuracy_a_version_holds_reads_as_measured(data_slice, mlflow_store):
+    """float32's 0.9355 arrives as 0.9355000257492065: the tag reads 0.9355, and the same accuracy again is
+    a tie, not a win."""
+    measured = float(np.float32(0.9355))
+    first = register(data_slice[0], measured, FULL, seed=1)
+    assert MlflowClient().get_model_version(MODEL_NAME, "1").tags[VERSION_VAL_ACCURACY_TAG] == "0.9355"
+    tie = register(data_slice[0], measured, FULL, seed=2)
+    assert first["promoted"] and not tie["promoted"] and holder(CHAMPION) == 1
 
 
 def test_each_model_family_has_its_own_champion(data_slice, mlflow_store):
