@@ -11,8 +11,8 @@ BENCHMARKS = {
     "memory": memory.run,  # 4: `main` with the default settings
     "tuning": tuning.run,  # 3 (and 4 for `tune --workers 2`): a fixed study with 1 and 2 workers
     "side_by_side": side_by_side.run,  # 5: a 100-trial study, one trial at a time against side by side
-    "photos": photos.run,
-    "peer": peer.run,  # tune's default against the study written as optuna-examples writes it  # predict on test garments pasted on generated photo backgrounds, per background
+    "photos": photos.run,  # predict on test garments pasted on generated photo backgrounds, per background
+    "peer": peer.run,  # tune's default against the same study written as optuna-examples writes it
 }
 
 

@@ -72,6 +72,7 @@ def run(quick: bool, data_dir: str | None) -> list[Result]:
                         f"{name}_trials_per_min": study["trials"] / (result["wall_s"] / 60),
                         f"{name}_best_val_accuracy": result["best_val_accuracy"],
                         f"{name}_completed": result["completed"], f"{name}_pruned": result["pruned"]})
+    metrics["peer_mlflow_runs"] = peer["mlflow_runs"]  # one per trial, as MLflowCallback logged them
     metrics["trials_per_min_ratio_x"] = metrics["ours_trials_per_min"] / metrics["peer_trials_per_min"]
     metrics["best_val_accuracy_gap"] = metrics["ours_best_val_accuracy"] - metrics["peer_best_val_accuracy"]
     metrics.update({"mlp_trials": study["mlp_trials"], "mlp_wall_s": mlp["wall_s"],

@@ -106,7 +106,9 @@ def main(data, trials, seed, epochs_low, epochs_high):
                                 pruner=make_pruner(TuneConfig().pruner, space))
     study.optimize(make_objective(train_loader, valid_loader, space), n_trials=trials, callbacks=[log_trial])
     states = [t.state for t in study.trials]
-    print(json.dumps({"best_val_accuracy": study.best_value, "completed": states.count(optuna.trial.TrialState.COMPLETE),
+    logged = len(mlflow.search_runs(experiment_names=[study.study_name]))
+    print(json.dumps({"best_val_accuracy": study.best_value, "mlflow_runs": logged,
+                      "completed": states.count(optuna.trial.TrialState.COMPLETE),
                       "pruned": states.count(optuna.trial.TrialState.PRUNED)}))
 
 
