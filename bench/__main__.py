@@ -3,7 +3,7 @@
 import click
 import torch
 
-from bench import common, memory, photos, side_by_side, throughput, tuning
+from bench import common, memory, peer, photos, side_by_side, throughput, tuning
 from pipeline.config import ThreadsConfig
 
 BENCHMARKS = {
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "tuning": tuning.run,  # 3 (and 4 for `tune --workers 2`): a fixed study with 1 and 2 workers
     "side_by_side": side_by_side.run,  # 5: a 100-trial study, one trial at a time against side by side
     "photos": photos.run,  # predict on test garments pasted on generated photo backgrounds, per background
+    "peer": peer.run,  # tune's default against the same study written as optuna-examples writes it
 }
 
 

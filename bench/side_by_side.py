@@ -20,7 +20,7 @@ from pathlib import Path
 import optuna
 
 from bench.common import Result, subprocess_env
-from pipeline.config import DataConfig, SearchSpace, TrainConfig
+from pipeline.config import DEFAULT_MODEL, DataConfig, SearchSpace, TrainConfig
 from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.stacked import fit_stacked
@@ -51,14 +51,16 @@ def epoch_cost_per_trial(tensors: Tensors, epochs: int) -> dict:
     return costs
 
 
-def run_study(study: dict, k: int, seed: int, data: Path, tmp: Path, data_dir: str | None) -> dict:
-    """One timed ``tune`` process on fresh stores; its wall time and the best val accuracy it reached."""
+def run_study(study: dict, k: int, seed: int, data: Path, tmp: Path, data_dir: str | None,
+              model: str = DEFAULT_MODEL) -> dict:
+    """One timed ``tune`` process on fresh stores; its wall time and the best val accuracy it reached.
+    ``k`` 0 is the model's own side by side (``TuneConfig.side_by_side``)."""
     tmp.mkdir()
     tracking_uri, storage = f"sqlite:///{tmp / 'mlflow.db'}", f"sqlite:///{tmp / 'optuna.db'}"
     command = ["python", "-m", "pipeline", "tune", "--data", str(data), "--storage", storage,
                "--study-name", "bench", "--trials", str(study["trials"]), "--seed", str(seed),
                "--epochs-low", str(study["epochs_low"]), "--epochs-high", str(study["epochs_high"]),
-               "--side-by-side", str(k), "--test-best", "false"]
+               "--side-by-side", str(k), "--model", model, "--test-best", "false"]
     start = time.perf_counter()
     done = subprocess.run(command, env=subprocess_env(tracking_uri, data_dir), capture_output=True, text=True)
     wall_s = time.perf_counter() - start

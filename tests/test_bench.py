@@ -123,3 +123,24 @@ def test_photos_benchmark_runs_on_a_slice(tmp_path, subprocess_env, real_data_di
         assert entry["metrics"][f"{key}_accuracy"] == row["accuracy"]
     assert set(entry["targets"]) == {f"{b.key}_kept" for b in BACKGROUNDS} | {"confident_wrong"}
     assert "\n| flat grey | " in stdout  # the table for the docs
+
+
+@pytest.mark.slow
+def test_peer_benchmark_runs_on_a_slice(tmp_path, subprocess_env, real_data_dir):
+    stdout, results = run_bench(["peer"], tmp_path, subprocess_env, real_data_dir)
+    assert set(results) == {"peer"}
+    check_report(stdout, results)
+
+    peer = results["peer"]["metrics"]
+    assert peer["trials"] == 4 and peer["mlp_trials"] == 2
+    assert peer["train_images"] == peer["val_images"] == 500  # both studies read the same prepared slice
+    for side in ("peer", "ours"):
+        assert peer[f"{side}_completed"] + peer[f"{side}_pruned"] == peer["trials"]
+        assert peer[f"{side}_trials_per_min"] == pytest.approx(4 / (peer[f"{side}_wall_s"] / 60))
+        assert 0.1 < peer[f"{side}_best_val_accuracy"] <= 1  # both learned: better than chance
+    assert peer["peer_mlflow_runs"] == 4  # the peer logged each trial to MLflow, as the example does
+    assert peer["trials_per_min_ratio_x"] == pytest.approx(peer["ours_trials_per_min"] / peer["peer_trials_per_min"])
+    assert peer["best_val_accuracy_gap"] == pytest.approx(peer["ours_best_val_accuracy"]
+                                                          - peer["peer_best_val_accuracy"])
+    assert peer["mlp_trials_per_min"] == pytest.approx(2 / (peer["mlp_wall_s"] / 60))
+    assert 0 < peer["mlp_best_val_accuracy"] <= 1
