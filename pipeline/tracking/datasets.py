@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from pipeline.config import DataConfig
 from pipeline.core.splits import SPLITS, Splits, array_digest, prepare_splits
@@ -62,7 +63,19 @@ def log_datasets(splits: Splits, source: str = "prepared splits", which=SPLITS) 
     """Record the splits (all three, or ``which``) as MLflow dataset inputs of the active run."""
     datasets = datasets_of(splits, source)
     for split in which:
-        mlflow.log_input(datasets[split], context=DATASET_CONTEXTS[split])
+        log_input(datasets[split], DATASET_CONTEXTS[split])
+
+
+def log_input(dataset, context: str) -> None:
+    """``mlflow.log_input``, once more if another process added the same dataset to the experiment at the
+    same moment: MLflow looks for the dataset's row and inserts it in two steps, so the later of two inserts
+    fails on the unique key; the second try finds the row and links it."""
+    try:
+        mlflow.log_input(dataset, context=context)
+    except MlflowException as e:
+        if not any(word in str(e).lower() for word in ("unique", "duplicate")):
+            raise
+        mlflow.log_input(dataset, context=context)
 
 
 def fetch_prepared(data_uri: str) -> Splits:

@@ -177,6 +177,10 @@ def trials_training_in(storage: str) -> dict[str, list]:
     return by_worker
 
 
+def recipe_done(storage: str) -> bool:
+    return any(t.number == 0 and t.state.is_finished() for t in load(storage).get_trials(deepcopy=False))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers, signum", [(1, signal.SIGINT), (2, signal.SIGTERM)])
 def test_an_interrupted_study_fails_the_trials_of_every_worker_and_ends_every_run_killed(
@@ -186,8 +190,10 @@ def test_an_interrupted_study_fails_the_trials_of_every_worker_and_ends_every_ru
     output = tmp_path / "output.txt"
     process = start(tune_command(data, storage, "--trials", "4", "--workers", workers, "--side-by-side", "2",
                                  *LONG_STUDY), subprocess_env, output)
-    wait_until(lambda: len(trials_training_in(storage)) == workers, process, output,
-               "a trial training in every worker")
+    # the book's recipe (trial 0, 10 epochs) done first: a worker hears of a SIGTERM only when tune passes it
+    # on, and the recipe's last epoch could finish in that moment; every other trial trains "for ever"
+    wait_until(lambda: len(trials_training_in(storage)) == workers and recipe_done(storage), process, output,
+               "the recipe done and a trial training in every worker")
     spawned = worker_processes(psutil.Process(process.pid))
     signalled_at = signal_now(process, signum)
     text = ended(process, output)

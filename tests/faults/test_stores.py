@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from pipeline.config import STORAGE_CONNECT_TIMEOUT_S, STORAGE_STATEMENT_TIMEOUT_S, TuneConfig
 from pipeline.errors import PipelineError, environment_problem
-from pipeline.names import EXPERIMENT_NAME, RUN_ID_ATTR, TRIAL_TAG
+from pipeline.names import EXPERIMENT_NAME, OWNER_ATTR, RUN_ID_ATTR, TRIAL_TAG
 from pipeline.tuning.dead_trials import recover_dead_trials
 from pipeline.tuning.storage import open_storage
 from tests.fault_helpers import error_line, fill, run_cli, run_statuses, tmpfs
@@ -77,14 +77,14 @@ def test_a_database_server_that_never_answers_is_one_line_within_the_connect_tim
         data_slice, subprocess_env, mlflow_store):
     _, data = data_slice
     with tarpit() as (port, accepted):
-        storage = f"postgresql://someone:secret@127.0.0.1:{port}/optuna"
+        storage = f"postgresql://someone@127.0.0.1:{port}/optuna"  # the password where it belongs: PGPASSWORD
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pipeline", *tune(data, storage)], env=subprocess_env,
+        done = subprocess.run([sys.executable, "-m", "pipeline", *tune(data, storage)],
+                              env={**subprocess_env, "PGPASSWORD": "secret"},
                               capture_output=True, text=True, timeout=STORAGE_CONNECT_TIMEOUT_S + START_UP_S)
         took = time.monotonic() - started
     line = error_line(done)
-    assert (f"cannot open the Optuna storage postgresql://someone:***@127.0.0.1:{port}/optuna: no answer within "
-            "the connect timeout") in line
+    assert (f"cannot open the Optuna storage {storage}: no answer within the connect timeout") in line
     assert "secret" not in done.stdout + done.stderr
     assert len(accepted) == 1  # it reached the server, and did not try again: a hung server stays hung
     assert took >= STORAGE_CONNECT_TIMEOUT_S  # the default wait, in full
@@ -226,7 +226,10 @@ def test_an_optuna_storage_that_turns_read_only_mid_study_is_named_and_every_run
     recover_dead_trials(study, reopened)
     runs = {r.info.run_id: r for r in all_runs(mlflow_store)}
     completed = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    assert completed and not [t for t in study.trials if t.state == TrialState.RUNNING]
+    # A trial the fault caught between its creation and its first attribute has no owner on record: no
+    # process can be judged dead for it, so it holds its place (docs/faults.md); it never had a run.
+    left = [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert completed and all(OWNER_ATTR not in t.user_attrs and RUN_ID_ATTR not in t.user_attrs for t in left)
     for trial in study.trials:
         if RUN_ID_ATTR in trial.user_attrs:
             status = runs[trial.user_attrs[RUN_ID_ATTR]].info.status

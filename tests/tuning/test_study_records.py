@@ -70,7 +70,7 @@ def test_a_study_that_does_not_record_its_data_is_refused(data_slice, mlflow_sto
     cfg = one_epoch_study(f"sqlite:///{tmp_path / 'optuna.db'}", name="old")
     old = optuna.create_study(study_name="old", storage=open_storage(cfg), direction="maximize")
     old.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.8))
-    with pytest.raises(PipelineError, match="was run on other data \\(train_digest not recorded"):
+    with pytest.raises(PipelineError, match="was run on other data or another model \\(train_digest not recorded"):
         run_study(cfg, ONE_EPOCH, str(data_slice[1]))
     assert len(optuna.load_study(study_name="old", storage=open_storage(cfg)).trials) == 1
 
