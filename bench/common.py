@@ -63,8 +63,12 @@ def machine() -> dict:
 
 
 def subprocess_env(tracking_uri: str, data_dir: str | None = None) -> dict:
-    """Environment for a ``python -m pipeline`` child: this venv first on PATH, a temporary store."""
-    env = dict(os.environ)
+    """Environment for a ``python -m pipeline`` child: this venv first on PATH, a temporary store.
+
+    An experiment or run named by this process's environment belongs to another store: the child
+    chooses its own."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(REPO)
     env["MLFLOW_TRACKING_URI"] = tracking_uri

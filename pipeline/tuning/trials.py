@@ -172,12 +172,17 @@ def ask_trial(worker: Worker, shuffle_offset: int = 0) -> TrialRun | None:
                             batch_size=cfg.batch_size, patience=cfg.patience, seed=cfg.seed,
                             shuffle_offset=shuffle_offset)
     name = f"trial-{trial.number}"
-    run = MlflowClient().create_run(
+    created = MlflowClient().create_run(
         worker.parent.experiment_id, run_name=name,
         tags={MLFLOW_PARENT_RUN_ID: worker.parent.run_id, STUDY_TAG: cfg.study_name, TRIAL_TAG: str(trial.number),
               SIDE_BY_SIDE_TAG: str(cfg.side_by_side), OWNER_TAG: this_process()})
-    trial.set_user_attr(RUN_ID_ATTR, run.info.run_id)
-    return TrialRun(trial, number, train_cfg, run.info.run_id)
+    run = TrialRun(trial, number, train_cfg, created.info.run_id)
+    try:
+        trial.set_user_attr(RUN_ID_ATTR, run.run_id)
+    except BaseException as e:  # the storage failed (or an interrupt came) just after the run was made
+        fail_trials(worker, [run], e)
+        raise
+    return run
 
 
 def report_epoch(worker: Worker, run: TrialRun, metrics: dict) -> None:
