@@ -24,8 +24,9 @@ from pathlib import Path
 
 from bench.common import Result, subprocess_env
 from bench.side_by_side import run_study
-from pipeline.config import DataConfig, SearchSpace
+from pipeline.config import DataConfig
 from pipeline.core.splits import prepare_splits
+from pipeline.study_config import SearchSpace
 
 SPACE = SearchSpace()
 STUDY = {"trials": 100, "mlp_trials": 100, "seed": 0, "limit": 0,

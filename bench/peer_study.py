@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config import SearchSpace, ThreadsConfig, TuneConfig
+from pipeline.config import ThreadsConfig
 from pipeline.core.splits import Splits, to_tensor
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.search import make_pruner, suggest_params
 
 

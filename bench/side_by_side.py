@@ -20,11 +20,12 @@ from pathlib import Path
 import optuna
 
 from bench.common import Result, subprocess_env
-from pipeline.config import DEFAULT_MODEL, DataConfig, SearchSpace, TrainConfig
+from pipeline.config import DEFAULT_MODEL, DataConfig, TrainConfig
 from pipeline.core.models import build_model
 from pipeline.core.splits import prepare_splits
 from pipeline.core.stacked import fit_stacked
 from pipeline.core.training import Tensors, fit
+from pipeline.study_config import SearchSpace
 
 SPACE = SearchSpace()
 # K under test: where part 1's cost per trial-epoch stops falling fast (docs/benchmarks.md); the study

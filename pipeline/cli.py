@@ -9,7 +9,7 @@ Around every command, in one place:
 
 - SIGTERM acts like Ctrl-C, and an interrupted command says so in one line (``pipeline.runtime.signals``);
 - a ``PipelineError``, or a fault of the machine (a full disk, a store that cannot be written or
-  reached: ``pipeline.errors.environment_problem``), is one line ``Error: ...``, not a traceback;
+  reached: ``pipeline.faults.environment_problem``), is one line ``Error: ...``, not a traceback;
   ``--debug`` prints the traceback behind it too;
 - a command whose runs go to the project's MLflow experiment gets it by default, marked as a
   model-training experiment (``pipeline.tracking.experiments``).
@@ -23,13 +23,8 @@ import os
 import click
 
 from pipeline.config import MLFLOW_HTTP_DEFAULTS, MLFLOW_PICKLE_SWITCH, MLFLOW_SWITCH_DEFAULTS
-from pipeline.errors import (
-    DEBUG_ENV,
-    PipelineError,
-    environment_problem,
-    quiet_store_tracebacks,
-    show_traceback_when_debugging,
-)
+from pipeline.errors import DEBUG_ENV, PipelineError, show_traceback_when_debugging
+from pipeline.faults import environment_problem, quiet_store_tracebacks
 
 COMMANDS = {  # name -> (the module of the step that defines it, what it does in one line)
     "locate-data": ("pipeline.steps.locate_data", "Find the raw Fashion-MNIST files and print where they are."),

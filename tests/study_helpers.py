@@ -9,8 +9,8 @@ from pathlib import Path
 import mlflow
 import optuna
 
-from pipeline.config import SearchSpace, TuneConfig
 from pipeline.names import INTERRUPTED_ATTR, RUN_ID_ATTR, STUDY_TAG, TRIAL_STATE_TAG, TRIAL_TAG
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.storage import open_storage
 
 SMALL_SPACE = SearchSpace(epochs_low=1, epochs_high=3)

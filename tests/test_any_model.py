@@ -22,13 +22,14 @@ from mlflow import MlflowClient
 from torch import nn
 
 from pipeline import config
-from pipeline.config import MODELS, ConvexConfig, ModelChoice, TrainConfig, TuneConfig
+from pipeline.config import MODELS, ModelChoice, TrainConfig
 from pipeline.core import models
 from pipeline.core.models import BUILDERS, build_model, builder, parameter_count
 from pipeline.core.splits import array_digest
 from pipeline.errors import PipelineError
 from pipeline.names import CHAMPION, PARAMETER_COUNT, REGISTERED_MODEL, SPLIT_CHAMPION, STUDY_MODEL_ATTR
 from pipeline.steps.convex_optimum import load_study as convex_study
+from pipeline.study_config import ConvexConfig, TuneConfig
 from pipeline.tracking.safe_loading import load_model
 from tests.fault_helpers import error_line, run_cli, run_in_process
 from tests.helpers import free_port, stop_process_group, wait_for_url

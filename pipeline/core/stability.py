@@ -20,10 +20,11 @@ import math
 import pandas as pd
 import torch
 
-from pipeline.config import StabilityConfig, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.core.losses import naive_cross_entropy, naive_softmax, stable_cross_entropy
 from pipeline.core.models import build_model
 from pipeline.core.training import Tensors, fit
+from pipeline.study_config import StabilityConfig
 
 LOSSES = {"naive": naive_cross_entropy, "stable": stable_cross_entropy}
 

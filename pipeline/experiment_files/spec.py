@@ -20,24 +20,15 @@ accepted here without touching this module.
 """
 
 import dataclasses
-import itertools
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from pipeline.config import (
-    ConvexConfig,
-    DataConfig,
-    ExperimentOptions,
-    SearchSpace,
-    StabilityConfig,
-    TrainConfig,
-    TuneConfig,
-)
+from pipeline.config import DataConfig, TrainConfig
 from pipeline.errors import PipelineError, short_repr
+from pipeline.experiment_files.grids import grid_points, grid_values, point_count, point_name
 from pipeline.experiment_files.yaml_nodes import (
     FileProblem,
     check_known,
@@ -46,6 +37,7 @@ from pipeline.experiment_files.yaml_nodes import (
     typed_mapping,
     typed_value,
 )
+from pipeline.study_config import ConvexConfig, ExperimentOptions, SearchSpace, StabilityConfig, TuneConfig
 
 TOP_LEVEL_KEYS = ("experiment", "entry_point", "description", "data", "params", "grid", "study", "seeds")
 # The experiment's name becomes a folder (reports/<name>/) and a command-line argument (report NAME):
@@ -81,35 +73,6 @@ ENTRY_POINTS = tuple(ENTRY_POINT_CONFIGS)
 
 def entry_point_fields(entry_point: str) -> dict[str, type]:
     return {f.name: f.type for cls in ENTRY_POINT_CONFIGS[entry_point] for f in dataclasses.fields(cls)}
-
-
-def grid_values(node: yaml.Node, fields: dict[str, type], problem: FileProblem) -> list[tuple[dict, yaml.Node]]:
-    """``grid`` (a mapping of lists, or a list of them) as (key -> checked list of values, node) per mapping."""
-    grids = node.value if isinstance(node, yaml.SequenceNode) else [node]
-    if not grids:
-        raise problem(node, "grid is an empty list; remove it for a single run")
-    checked = []
-    for grid in grids:
-        items = mapping_items(grid, problem, "grid")
-        check_known(items, list(fields), problem, "grid")
-        values = {}
-        for key, (_, value_node) in items.items():
-            if not isinstance(value_node, yaml.SequenceNode) or not value_node.value:
-                raise problem(value_node, f"grid.{key} must be a non-empty list of values, e.g. [0.1, 1.0]")
-            values[key] = [typed_value(v, fields[key], problem, f"grid.{key}") for v in value_node.value]
-        checked.append((values, grid))
-    return checked
-
-
-def point_count(grids: list[tuple[dict, yaml.Node]]) -> int:
-    """How many runs the grid makes (each mapping: every combination), counted without making them."""
-    return sum(math.prod(len(v) for v in values.values()) for values, _ in grids)
-
-
-def grid_points(grids: list[tuple[dict, yaml.Node]]) -> list[tuple[dict, yaml.Node]]:
-    """One (overrides, node) per combination of each mapping's values (scikit-learn's ParameterGrid)."""
-    return [(dict(zip(values, combo)), grid) for values, grid in grids
-            for combo in itertools.product(*values.values())]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -253,6 +216,3 @@ def validated(cls, values: dict, problem: FileProblem, sections: list, fallback:
     return config
 
 
-def point_name(point: dict) -> str:
-    """A grid point as a run name: ``lr=1, weight_decay=0.001``."""
-    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())

@@ -25,7 +25,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
-from pipeline.config import DEFAULT_MODEL, ConvexConfig, TuneConfig
+from pipeline.config import DEFAULT_MODEL
 from pipeline.core import convex
 from pipeline.core.metrics import predict_logits
 from pipeline.core.splits import Splits, array_digest
@@ -33,6 +33,7 @@ from pipeline.core.stats import above, accuracy_with_interval, format_interval, 
 from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
 from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR, STUDY_MODEL_ATTR, VAL_DIGEST_TAG
+from pipeline.study_config import ConvexConfig, TuneConfig
 from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.logged_models import log_model
 from pipeline.tracking.runs import log_new_params, log_series

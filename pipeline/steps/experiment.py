@@ -18,23 +18,16 @@ import torch
 from mlflow import MlflowClient
 from mlflow.environment_variables import MLFLOW_RUN_ID
 
-from pipeline.config import (
-    ConvexConfig,
-    DataConfig,
-    ExperimentOptions,
-    SearchSpace,
-    StabilityConfig,
-    ThreadsConfig,
-    TrainConfig,
-    TuneConfig,
-)
+from pipeline.config import DataConfig, ThreadsConfig, TrainConfig
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import DivergedError, Tensors
 from pipeline.errors import PipelineError, short_repr
-from pipeline.experiment_files.spec import ExperimentSpec, load_spec, point_name, runs_text, split_study
+from pipeline.experiment_files.grids import point_name
+from pipeline.experiment_files.spec import ExperimentSpec, load_spec, runs_text, split_study
 from pipeline.names import FAILURE_TAG, FILE_TAG, POINT_TAG, ROLE_TAG, SEED_TAG, SMOKE_TAG
 from pipeline.steps.options import make_config, options_from
 from pipeline.steps.stability import run_stability
+from pipeline.study_config import ConvexConfig, ExperimentOptions, SearchSpace, StabilityConfig, TuneConfig
 from pipeline.tracking.datasets import log_datasets
 from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.experiments import experiment_named, mark_as_training

@@ -9,12 +9,12 @@ from dataclasses import asdict
 
 import mlflow
 
-from pipeline.config import StabilityConfig
 from pipeline.core import figures
 from pipeline.core.splits import Splits
 from pipeline.core.stability import scale_sweep, summarize, train_naive_and_stable, trained_logits
 from pipeline.core.training import Tensors
 from pipeline.names import STABILITY_TABLES
+from pipeline.study_config import StabilityConfig
 from pipeline.tracking.runs import log_new_params, log_series
 
 

@@ -6,8 +6,9 @@ import click
 import mlflow
 import torch
 
-from pipeline.config import DataInput, SearchSpace, ThreadsConfig, TuneConfig
+from pipeline.config import DataInput, ThreadsConfig
 from pipeline.steps.options import make_config, options_from
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tracking.experiments import runs_url
 from pipeline.tracking.owners import end_runs_of_dead_processes
 from pipeline.tracking.runs import log_new_params

@@ -12,7 +12,8 @@ import mlflow
 from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-from pipeline.errors import PipelineError, unwritable_sqlite_store
+from pipeline.errors import PipelineError
+from pipeline.faults import unwritable_sqlite_store
 from pipeline.runtime.store_files import create_if_new, creation_lock, is_new
 from pipeline.tracking.experiments import experiment_named
 from pipeline.tracking.owners import claim_launched_run

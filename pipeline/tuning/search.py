@@ -13,7 +13,8 @@ import warnings
 
 import optuna
 
-from pipeline.config import DEFAULT_MODEL, MODELS, SearchSpace, TrainConfig, TuneConfig
+from pipeline.config import DEFAULT_MODEL, MODELS, TrainConfig
+from pipeline.study_config import SearchSpace, TuneConfig
 
 # How tune draws each model's own settings (config.MODELS), for the models that have them
 MODEL_SETTINGS = {

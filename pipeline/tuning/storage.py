@@ -18,10 +18,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from pipeline.config import DEFAULT_MODEL, JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS, SearchSpace, TuneConfig, is_journal
-from pipeline.errors import PipelineError, causes, fault_of, file_fault, from_optuna_storage, printable_url
+from pipeline.config import DEFAULT_MODEL, JOURNAL_SCHEME, POSTGRES_CONNECT_ARGS
+from pipeline.errors import PipelineError, printable_url
+from pipeline.faults import causes, fault_of, file_fault, from_optuna_storage
 from pipeline.names import FAILURE_TAG, RECIPE_ATTR, RUN_ID_ATTR, STUDY_DATA_ATTRS, STUDY_MODEL_ATTR, TRIAL_STATE_TAG
 from pipeline.runtime.store_files import create_if_new, creation_lock
+from pipeline.study_config import SearchSpace, TuneConfig, is_journal
 from pipeline.tuning.search import seed_recipe_params
 
 

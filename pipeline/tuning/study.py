@@ -18,9 +18,10 @@ from dataclasses import asdict
 import mlflow
 import optuna
 
-from pipeline.config import MODELS, SearchSpace, TuneConfig
+from pipeline.config import MODELS
 from pipeline.core.splits import Splits, array_digest
 from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_MODEL_ATTR, STUDY_TAG
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tracking.datasets import is_default_split, load_data
 from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.registry import promote_if_better

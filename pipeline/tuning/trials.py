@@ -33,11 +33,11 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
-from pipeline.config import SearchSpace, TrainConfig, TuneConfig
+from pipeline.config import TrainConfig
 from pipeline.core import figures
 from pipeline.core.splits import Splits
 from pipeline.core.training import DivergedError, FitResult, Tensors
-from pipeline.errors import fault_of
+from pipeline.faults import fault_of
 from pipeline.names import (
     BEST_EPOCH_ATTR,
     CURVES_FIGURE,
@@ -56,6 +56,7 @@ from pipeline.names import (
 )
 from pipeline.runtime.processes import this_process
 from pipeline.runtime.signals import interrupt_reason
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tracking.training import train
 from pipeline.tuning.dead_trials import has_heartbeats, recover_dead_trials, trial_id, watched_running_trials
 from pipeline.tuning.search import sampler_for, suggest_params

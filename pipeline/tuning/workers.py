@@ -21,11 +21,12 @@ import mlflow
 import optuna
 import torch
 
-from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import Splits
 from pipeline.core.training import Tensors
-from pipeline.errors import PipelineError, quiet_store_tracebacks, show_traceback_when_debugging
+from pipeline.errors import PipelineError, show_traceback_when_debugging
+from pipeline.faults import quiet_store_tracebacks
 from pipeline.runtime.signals import exit_status, interrupts_at_safe_points
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.search import make_pruner
 from pipeline.tuning.stacked_trials import work_side_by_side
 from pipeline.tuning.storage import open_storage, storage_faults_named

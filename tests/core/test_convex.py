@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-from pipeline.config import ConvexConfig, DataConfig, TrainConfig
+from pipeline.config import DataConfig, TrainConfig
 from pipeline.core import convex
 from pipeline.core.metrics import predict_logits
 from pipeline.core.models import build_model
@@ -28,6 +28,7 @@ from pipeline.experiment_files.spec import load_spec
 from pipeline.names import CONVEX_SUMMARY_TAG, CONVEX_TABLE, MODEL_URI_ATTR, VAL_DIGEST_TAG
 from pipeline.steps.convex_optimum import choose, doubts, optimum_line, optimum_table
 from pipeline.steps.experiment import run_experiment
+from pipeline.study_config import ConvexConfig
 from pipeline.tracking.safe_loading import load_model
 
 WD = 1e-3

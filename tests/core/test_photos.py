@@ -19,8 +19,9 @@ from scipy import ndimage
 from bench import photos as benchmark
 from pipeline.cli import cli
 from pipeline.config import DataConfig, TrainConfig
+from pipeline.core.image_files import MAX_PHOTO_PIXELS, WORK_SIDE
 from pipeline.core.models import build_model
-from pipeline.core.photos import MAX_PHOTO_PIXELS, SMOOTHING, UNSURE_BELOW, WORK_SIDE, image_to_array, read_photo, top_k
+from pipeline.core.photos import SMOOTHING, UNSURE_BELOW, image_to_array, read_photo, top_k
 from pipeline.core.splits import prepare_splits
 from pipeline.core.training import Tensors, fit
 from pipeline.errors import PipelineError

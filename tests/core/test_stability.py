@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from mlflow import MlflowClient
 
-from pipeline.config import StabilityConfig
 from pipeline.core.losses import log_softmax, naive_cross_entropy, naive_softmax, stable_cross_entropy
 from pipeline.core.stability import batches, scale_sweep
 from pipeline.steps.stability import run_stability
+from pipeline.study_config import StabilityConfig
 
 
 def random_batch(scale: float, seed: int = 0, n: int = 64, classes: int = 10):

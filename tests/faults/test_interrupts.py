@@ -21,9 +21,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
-from pipeline.config import SearchSpace, TuneConfig
 from pipeline.names import FAILURE_TAG, INTERRUPTED_ATTR, OWNER_ATTR, RUN_ID_ATTR, TRIAL_STATE_TAG
 from pipeline.runtime.signals import interrupts_at_safe_points
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.workers import work_on_study
 from tests.fault_helpers import run_statuses

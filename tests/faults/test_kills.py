@@ -21,7 +21,6 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline.config import TuneConfig
 from pipeline.names import (
     FAILURE_TAG,
     INTERRUPTED_ATTR,
@@ -32,6 +31,7 @@ from pipeline.names import (
     TRIAL_STATE_TAG,
     TRIAL_TAG,
 )
+from pipeline.study_config import TuneConfig
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.trials import counts_toward_total
 from tests.helpers import child_env

@@ -7,7 +7,7 @@ import sqlite3
 import optuna
 import pytest
 
-from pipeline.config import TuneConfig
+from pipeline.study_config import TuneConfig
 from pipeline.tuning.storage import open_storage
 from tests.fault_helpers import error_line, run_cli, run_statuses
 from tests.helpers import postgres_server

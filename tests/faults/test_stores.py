@@ -26,9 +26,11 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from pipeline.config import STORAGE_CONNECT_TIMEOUT_S, STORAGE_STATEMENT_TIMEOUT_S, TuneConfig
-from pipeline.errors import PipelineError, environment_problem
+from pipeline.config import STORAGE_CONNECT_TIMEOUT_S, STORAGE_STATEMENT_TIMEOUT_S
+from pipeline.errors import PipelineError
+from pipeline.faults import environment_problem
 from pipeline.names import EXPERIMENT_NAME, OWNER_ATTR, RUN_ID_ATTR, TRIAL_TAG
+from pipeline.study_config import TuneConfig
 from pipeline.tuning.dead_trials import recover_dead_trials
 from pipeline.tuning.storage import open_storage
 from tests.fault_helpers import error_line, fill, run_cli, run_statuses, tmpfs

@@ -10,9 +10,9 @@ import pytest
 from optuna.storages.journal import JournalStorage
 from optuna.trial import TrialState
 
-from pipeline.config import SearchSpace, TuneConfig
 from pipeline.names import FAILURE_TAG, RUN_ID_ATTR
 from pipeline.runtime.signals import held_during_write, interrupts_at_safe_points, interrupts_raise_keyboard_interrupt
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tracking.runs import runs_killed_at_safe_points
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.workers import work_on_study

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from pipeline.cli import cli
-from pipeline.config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY, TrainConfig
+from pipeline.config import TrainConfig
 from pipeline.steps.options import option_for
+from pipeline.study_config import MAIN_STUDY_ONLY, MAIN_TRAIN_ONLY
 from tests.helpers import REPO
 
 ENTRY_POINTS = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]

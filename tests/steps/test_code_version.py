@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from pipeline.steps import main
+from pipeline.steps import step_runs
 from tests.helpers import REPO
 
 
@@ -23,34 +23,34 @@ def checkout(tmp_path, monkeypatch):
     git("init", "-q")
     git("add", "-A")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
-    monkeypatch.setattr(main, "PROJECT_DIR", tmp_path)
+    monkeypatch.setattr(step_runs, "PROJECT_DIR", tmp_path)
     return tmp_path
 
 
 def test_stores_and_their_journals_do_not_change_the_code_version(checkout):
-    clean = main.code_version()
+    clean = step_runs.code_version()
     assert "dirty" not in clean and not clean.startswith("nogit")
     # what commands write and remove as they run, next to the code: sqlite's rollback journals (not in
     # .gitignore), stores, a prepared cache, a report
     for name in ("mlflow.db-journal", "optuna.db-journal", "mlflow.db", "reports.html", "notes/run.txt"):
         (checkout / name).parent.mkdir(exist_ok=True)
         (checkout / name).write_text("runtime state")
-    assert main.code_version() == clean
+    assert step_runs.code_version() == clean
 
 
 def test_new_code_and_edited_code_change_it(checkout):
-    clean = main.code_version()
+    clean = step_runs.code_version()
     (checkout / "pipeline" / "new_step.py").write_text("print('new')\n")
-    new_file = main.code_version()
+    new_file = step_runs.code_version()
     assert new_file.startswith(clean + "-dirty-")
     (checkout / "pipeline" / "new_step.py").unlink()
-    assert main.code_version() == clean
+    assert step_runs.code_version() == clean
     (checkout / "MLproject").write_text("name: y\n")
-    assert main.code_version() not in (clean, new_file)
+    assert step_runs.code_version() not in (clean, new_file)
 
 
 def test_a_file_gone_between_listing_and_reading_is_no_error(checkout):
     # git lists a link under pipeline/ whose target is gone: reading it fails as a file removed mid-way would
-    clean = main.code_version()
+    clean = step_runs.code_version()
     (checkout / "pipeline" / "gone.py").symlink_to(checkout / "removed.py")
-    assert main.code_version() == clean
+    assert step_runs.code_version() == clean

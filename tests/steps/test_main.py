@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from pipeline.errors import PipelineError
-from pipeline.steps.main import step_parameters
+from pipeline.steps.step_runs import step_parameters
 from tests.helpers import REPO, child_env
 
 

@@ -15,8 +15,8 @@ import psycopg2
 import pytest
 from mlflow import MlflowClient
 
-from pipeline.config import TuneConfig
 from pipeline.names import CHAMPION, EXPERIMENT_NAME, MODEL_NAME, STUDY_TAG, TRIAL_TAG
+from pipeline.study_config import TuneConfig
 from pipeline.tuning.storage import open_storage
 from tests.helpers import child_env, free_port, postgres_server, stop_process_group, wait_for_url
 

@@ -9,10 +9,11 @@ import torch
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.config import SearchSpace, ThreadsConfig, TrainConfig, TuneConfig
+from pipeline.config import ThreadsConfig, TrainConfig
 from pipeline.core.models import build_model
 from pipeline.core.stacked import fit_stacked
 from pipeline.core.training import Tensors, fit
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.study import run_study
 
 OTHER = ThreadsConfig().threads + 2  # a count no function of ours has a reason to choose

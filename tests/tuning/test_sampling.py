@@ -10,8 +10,8 @@ import mlflow
 import optuna
 import pytest
 
-from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.training import Tensors
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.trials import Heartbeats, Worker, ask_trial
 

@@ -10,7 +10,7 @@ import mlflow
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.config import SearchSpace, TrainConfig, TuneConfig
+from pipeline.config import TrainConfig
 from pipeline.core.models import build_model
 from pipeline.core.training import Tensors, fit
 from pipeline.names import (
@@ -21,6 +21,7 @@ from pipeline.names import (
     RUN_ID_ATTR,
     SIDE_BY_SIDE_TAG,
 )
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.study import run_study
 from tests.study_helpers import (
     SMALL_SPACE,

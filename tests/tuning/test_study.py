@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from optuna.trial import TrialState
 
 from pipeline.cli import cli
-from pipeline.config import SearchSpace, TrainConfig, TuneConfig, is_journal
+from pipeline.config import TrainConfig
 from pipeline.core.splits import array_digest
 from pipeline.errors import PipelineError
 from pipeline.names import BEST_MODEL_TAG, FAIL_REASON_ATTR, MODEL_NAME, MODEL_URI_ATTR, RUN_ID_ATTR, SPLIT_CHAMPION
+from pipeline.study_config import SearchSpace, TuneConfig, is_journal
 from pipeline.tuning.search import make_pruner, make_sampler
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.study import run_study

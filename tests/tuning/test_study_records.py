@@ -9,11 +9,12 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from pipeline.cli import cli
-from pipeline.config import DataConfig, SearchSpace, TuneConfig
+from pipeline.config import DataConfig
 from pipeline.core.splits import array_digest, prepare_splits
 from pipeline.core.training import Tensors
 from pipeline.errors import PipelineError
 from pipeline.names import RUN_ID_ATTR, STUDY_DATA_ATTRS, VAL_DIGEST_TAG
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.study import run_study
 from pipeline.tuning.trials import Heartbeats, Worker, ask_trial, train_alone

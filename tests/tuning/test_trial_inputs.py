@@ -6,10 +6,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from pipeline.config import SearchSpace, TuneConfig
 from pipeline.core.splits import array_digest
 from pipeline.core.training import Tensors
 from pipeline.names import RUN_ID_ATTR, VAL_DIGEST_TAG
+from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.stacked_trials import work_side_by_side
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.trials import Heartbeats, Worker, work_one_at_a_time
