@@ -20,16 +20,9 @@ from pipeline.core.training import DivergedError, FitResult
 from pipeline.tracking.runs import log_epoch
 from pipeline.tracking.training import log_fit_result, log_training_inputs
 from pipeline.tuning.dead_trials import recover_dead_trials
-from pipeline.tuning.trials import (
-    TrialRun,
-    Worker,
-    ask_trial,
-    close_trial,
-    fail_trials,
-    is_full,
-    report_epoch,
-    wait_for_running_trials,
-)
+from pipeline.tuning.trial_ends import close_trial, fail_trials
+from pipeline.tuning.trial_state import TrialRun, Worker
+from pipeline.tuning.trials import ask_trial, is_full, report_epoch, wait_for_running_trials
 
 
 def close_stacked(worker: Worker, run: TrialRun, outcome) -> None:

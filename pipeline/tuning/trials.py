@@ -10,120 +10,43 @@ share each trial's life:
    overfill the study, its heartbeat (database storages), its settings, and its MLflow run;
 2. each epoch: the metrics are written to the run, then the val accuracy goes to the pruner
    (``report_epoch``), which may stop the trial;
-3. its end (``close_trial``; ``fail_trials`` for an interrupt or a fault): the MLflow run is ended first,
-   with Optuna's state as a tag (a run never depends on Optuna's storage, which may be what failed),
-   then Optuna is told.
+3. its end (``pipeline.tuning.trial_ends``: ``close_trial``; ``fail_trials`` for an interrupt or a fault):
+   the MLflow run is ended first, with Optuna's state as a tag (a run never depends on Optuna's storage,
+   which may be what failed), then Optuna is told.
 
 Ctrl-C and SIGTERM stop a worker only at safe points, between the stores' writes (``worker.interrupted``,
 ``pipeline.runtime.signals``); an interrupted trial is FAIL without a result (a new trial takes its
 place when the study resumes) and its run KILLED.
 """
 
-import threading
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import mlflow
 import optuna
 from mlflow import MlflowClient
-from mlflow.entities import RunInfo
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-from optuna.storages import BaseStorage
 from optuna.trial import TrialState
 
 from pipeline.config import TrainConfig
-from pipeline.core import figures
-from pipeline.core.splits import Splits
-from pipeline.core.training import DivergedError, FitResult, Tensors
-from pipeline.faults import fault_of
+from pipeline.core.training import DivergedError
 from pipeline.names import (
-    BEST_EPOCH_ATTR,
-    CURVES_FIGURE,
     FAIL_REASON_ATTR,
-    FAILURE_TAG,
     INTERRUPTED_ATTR,
-    MODEL_URI_ATTR,
-    NO_MODEL_NOTE,
     OWNER_ATTR,
     OWNER_TAG,
     RUN_ID_ATTR,
     SIDE_BY_SIDE_TAG,
     STUDY_TAG,
-    TRIAL_STATE_TAG,
     TRIAL_TAG,
 )
 from pipeline.runtime.processes import this_process
-from pipeline.runtime.signals import interrupt_reason
-from pipeline.study_config import SearchSpace, TuneConfig
+from pipeline.study_config import TuneConfig
 from pipeline.tracking.training import train
-from pipeline.tuning.dead_trials import has_heartbeats, recover_dead_trials, trial_id, watched_running_trials
+from pipeline.tuning.dead_trials import recover_dead_trials, trial_id, watched_running_trials
 from pipeline.tuning.search import sampler_for, suggest_params
-from pipeline.tuning.storage import storage_problem
-
-
-class Heartbeats:
-    """One thread that records a heartbeat for every running trial of this worker, each interval.
-
-    So a worker killed without a word has its trials failed by any other worker, on any machine
-    (``dead_trials``). Journal files have no heartbeats: there the thread never starts.
-    """
-
-    def __init__(self, storage: BaseStorage, interval: int):
-        self.storage, self.interval = storage, interval
-        self.trial_ids: set[int] = set()
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self.beat, name="trial heartbeats", daemon=True)
-
-    def __enter__(self) -> "Heartbeats":
-        if has_heartbeats(self.storage):
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stopped.set()
-        if self.thread.is_alive():
-            self.thread.join()
-
-    def add(self, trial_id: int) -> None:
-        if has_heartbeats(self.storage):
-            self.storage.record_heartbeat(trial_id)  # at once: a trial without one is never found stale
-        self.trial_ids.add(trial_id)
-
-    def remove(self, trial_id: int) -> None:
-        self.trial_ids.discard(trial_id)
-
-    def beat(self) -> None:
-        while not self.stopped.wait(self.interval):
-            for number in list(self.trial_ids):
-                self.storage.record_heartbeat(number)
-
-
-@dataclass
-class Worker:
-    """What a worker's trials share: the study and its storage, the settings, the data, the parent run."""
-
-    study: optuna.Study
-    storage: BaseStorage
-    cfg: TuneConfig
-    space: SearchSpace
-    splits: Splits
-    tensors: Tensors
-    parent: RunInfo
-    interrupted: Callable[[], None]  # the safe point: raises KeyboardInterrupt once Ctrl-C or SIGTERM came
-    heartbeats: Heartbeats
-
-
-@dataclass
-class TrialRun:
-    """A trial that has been asked and not yet told, with its MLflow run."""
-
-    trial: optuna.Trial
-    trial_id: int
-    cfg: TrainConfig
-    run_id: str
-    history: list[dict] = field(default_factory=list)  # its epochs so far, for its curves if it is pruned
+from pipeline.tuning.trial_ends import close_trial, fail_trials
+from pipeline.tuning.trial_state import TrialRun, Worker
 
 
 def counts_toward_total(trial: optuna.trial.FrozenTrial) -> bool:
@@ -194,83 +117,6 @@ def report_epoch(worker: Worker, run: TrialRun, metrics: dict) -> None:
     run.trial.report(metrics["val_accuracy"], step=metrics["epoch"])
     if run.trial.should_prune():
         raise optuna.TrialPruned(f"pruned at epoch {metrics['epoch']}: val accuracy {metrics['val_accuracy']:.4f}")
-
-
-def end_run(run: TrialRun, state: TrialState, status: str, reason: str | None = None) -> None:
-    """End the trial's MLflow run with Optuna's state as a tag: the active run, or one written to by id."""
-    client = MlflowClient()
-    try:
-        client.set_tag(run.run_id, TRIAL_STATE_TAG, state.name)
-        if reason:
-            client.set_tag(run.run_id, FAILURE_TAG, reason)
-    finally:  # a tag that cannot be written must not leave the run RUNNING
-        active = mlflow.active_run()
-        if active is not None and active.info.run_id == run.run_id:
-            mlflow.end_run(status)
-        else:
-            client.set_terminated(run.run_id, status=status)
-
-
-def tell(worker: Worker, run: TrialRun, state: TrialState, value: float | None = None) -> None:
-    worker.heartbeats.remove(run.trial_id)
-    worker.study.tell(run.trial, value, state=state)
-
-
-def log_stopped_early(run: TrialRun, why: str) -> None:
-    """On the active run of a trial that keeps no model: its curves so far, what it reached, and a note
-    where its model would be, so that every trial's run holds the same things."""
-    best = max(run.history, key=lambda m: m["val_accuracy"])
-    mlflow.log_metrics({"best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"],
-                        "epochs_run": len(run.history), "pruned_at_epoch": len(run.history)})
-    mlflow.log_figure(figures.training_curves(run.history, f"trial {run.trial.number}: {why}"), CURVES_FIGURE)
-    mlflow.log_text(f"No model: {why}. Only trials that train to their end keep a model.\n", NO_MODEL_NOTE)
-
-
-def close_trial(worker: Worker, run: TrialRun, outcome, model_info=None) -> None:
-    """End a trial by what stopped its training, on its active MLflow run; then tell Optuna.
-
-    ``outcome``: the ``FitResult`` (with the logged model's ``model_info``), ``optuna.TrialPruned`` or
-    ``DivergedError``.
-    """
-    if isinstance(outcome, FitResult):
-        run.trial.set_user_attr(MODEL_URI_ATTR, model_info.model_uri)
-        run.trial.set_user_attr(BEST_EPOCH_ATTR, outcome.best_epoch)
-        end_run(run, TrialState.COMPLETE, "FINISHED")
-        tell(worker, run, TrialState.COMPLETE, outcome.best_val_accuracy)
-    elif isinstance(outcome, optuna.TrialPruned):
-        log_stopped_early(run, str(outcome))
-        MlflowClient().update_run(run.run_id, name=f"trial-{run.trial.number} (pruned)")  # seen in the runs table
-        end_run(run, TrialState.PRUNED, "FINISHED")
-        tell(worker, run, TrialState.PRUNED)
-    elif isinstance(outcome, DivergedError):  # a failed trial, not a failed study: the others go on
-        mlflow.log_text(f"No model: {outcome.message}\n", NO_MODEL_NOTE)
-        run.trial.set_user_attr(FAIL_REASON_ATTR, outcome.message)
-        end_run(run, TrialState.FAIL, "FAILED", outcome.message)
-        tell(worker, run, TrialState.FAIL)
-    else:
-        raise TypeError(f"not a trial's outcome: {outcome!r}")
-
-
-def fail_trials(worker: Worker, runs: list[TrialRun], error: BaseException) -> None:
-    """Trials stopped by an interrupt (their runs KILLED, each FAIL and marked interrupted, so that its
-    place goes to a new trial) or by an error (runs FAILED): every run is ended first, then Optuna is
-    told until its storage fails (the next command fails the trials left RUNNING, ``dead_trials``)."""
-    if isinstance(error, KeyboardInterrupt):
-        status, reason = "KILLED", interrupt_reason(error)
-    else:
-        status = "FAILED"
-        reason = storage_problem(worker.cfg.storage, error) or f"{type(error).__name__}: {error}"
-    for run in runs:
-        end_run(run, TrialState.FAIL, status, reason)
-    for run in runs:
-        try:
-            if status == "KILLED":
-                run.trial.set_user_attr(INTERRUPTED_ATTR, reason)
-            tell(worker, run, TrialState.FAIL)
-        except Exception as e:
-            if fault_of(e) is None:
-                raise
-            return
 
 
 def train_alone(worker: Worker, run: TrialRun) -> None:

@@ -30,7 +30,8 @@ from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.search import make_pruner
 from pipeline.tuning.stacked_trials import work_side_by_side
 from pipeline.tuning.storage import open_storage, storage_faults_named
-from pipeline.tuning.trials import Heartbeats, Worker, work_one_at_a_time
+from pipeline.tuning.trial_state import Heartbeats, Worker
+from pipeline.tuning.trials import work_one_at_a_time
 
 POLL_SECONDS = 0.2  # how often the waiting parent looks for an interrupt
 

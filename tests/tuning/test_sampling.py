@@ -13,7 +13,8 @@ import pytest
 from pipeline.core.training import Tensors
 from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.storage import open_storage
-from pipeline.tuning.trials import Heartbeats, Worker, ask_trial
+from pipeline.tuning.trial_state import Heartbeats, Worker
+from pipeline.tuning.trials import ask_trial
 
 SPACE = SearchSpace()
 

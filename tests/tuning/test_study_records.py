@@ -17,7 +17,8 @@ from pipeline.names import RUN_ID_ATTR, STUDY_DATA_ATTRS, VAL_DIGEST_TAG
 from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.storage import open_storage
 from pipeline.tuning.study import run_study
-from pipeline.tuning.trials import Heartbeats, Worker, ask_trial, train_alone
+from pipeline.tuning.trial_state import Heartbeats, Worker
+from pipeline.tuning.trials import ask_trial, train_alone
 
 
 def val_digest(splits) -> str:

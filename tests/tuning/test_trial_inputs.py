@@ -12,7 +12,8 @@ from pipeline.names import RUN_ID_ATTR, VAL_DIGEST_TAG
 from pipeline.study_config import SearchSpace, TuneConfig
 from pipeline.tuning.stacked_trials import work_side_by_side
 from pipeline.tuning.storage import open_storage
-from pipeline.tuning.trials import Heartbeats, Worker, work_one_at_a_time
+from pipeline.tuning.trial_state import Heartbeats, Worker
+from pipeline.tuning.trials import work_one_at_a_time
 
 SPACE = SearchSpace(lr_low=0.01, lr_high=1e38, epochs_low=1, epochs_high=4)
 # One trial of each ending: it completes (one epoch, before the pruner looks), it diverges (loss NaN at
