@@ -19,10 +19,10 @@ import mlflow
 import optuna
 
 from pipeline.config import MODELS
-from pipeline.core.splits import Splits, array_digest
+from pipeline.core.splits import Splits
 from pipeline.names import MODEL_URI_ATTR, STUDY_DATA_ATTRS, STUDY_MODEL_ATTR, STUDY_TAG
 from pipeline.study_config import SearchSpace, TuneConfig
-from pipeline.tracking.datasets import is_default_split, load_data
+from pipeline.tracking.datasets import is_default_split, load_data, split_digest
 from pipeline.tracking.evaluation import evaluate_on_test
 from pipeline.tracking.registry import promote_if_better
 from pipeline.tracking.runs import log_new_params, runs_killed_at_safe_points
@@ -38,8 +38,7 @@ def final_test(model_uri: str, val_accuracy: float, splits: Splits, default_spli
     with mlflow.start_run(run_name="evaluate", nested=True,
                           experiment_id=mlflow.active_run().info.experiment_id):
         result = evaluate_on_test(model_uri, splits)
-        decision = promote_if_better(model_uri, val_accuracy, array_digest(splits.val_x, splits.val_y),
-                                     default_split)
+        decision = promote_if_better(model_uri, val_accuracy, split_digest(splits, "val"), default_split)
     metrics = {k: result[k] for k in ("test_accuracy", "test_accuracy_ci_low", "test_accuracy_ci_high", "test_loss")}
     mlflow.log_metrics({f"best_{k}": v for k, v in metrics.items()})  # on the parent, beside best_val_accuracy
     return {**metrics, "registry": decision}
@@ -80,7 +79,7 @@ def run_and_test_study(tune_cfg: TuneConfig, space: SearchSpace, data_uri: str) 
         mlflow.set_tag(STUDY_TAG, tune_cfg.study_name)
         splits = load_data(data_uri)
         # the study remembers its data and refuses other data: trials on other splits are not comparable
-        digests = dict(zip(STUDY_DATA_ATTRS, (array_digest(*splits.arrays(s)) for s in ("train", "val"))))
+        digests = dict(zip(STUDY_DATA_ATTRS, (split_digest(splits, s) for s in ("train", "val"))))
         digests[STUDY_MODEL_ATTR] = tune_cfg.model  # and its model: trials of other models are not comparable
         storage = open_storage(tune_cfg)
         study = open_study(tune_cfg, space, storage, digests)
